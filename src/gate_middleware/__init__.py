@@ -1,0 +1,57 @@
+"""gate-middleware: an OpenAI-compatible AI gateway inside any Starlette or FastAPI app."""
+
+from __future__ import annotations
+
+from .app import Gateway
+from .auth import Authenticator, Principal, StaticKeys
+from .errors import (
+    AuthenticationError,
+    ConfigurationError,
+    GateError,
+    GatewayNotStartedError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    UpstreamError,
+)
+from .providers.base import Provider, Reply
+from .providers.fake import FakeProvider
+from .providers.openai import OpenAICompatible
+from .record import RecordHook, RequestRecord
+from .routing import Catalogue, Deployment, ModelEntry
+from .settings import DeploymentSettings, GateSettings, ModelSettings, ProviderSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "Authenticator",
+    "Catalogue",
+    "ConfigurationError",
+    "Deployment",
+    "DeploymentSettings",
+    "FakeProvider",
+    "GateError",
+    "GateSettings",
+    "Gateway",
+    "GatewayNotStartedError",
+    "InvalidRequestError",
+    "ModelEntry",
+    "ModelSettings",
+    "NotFoundError",
+    "OpenAICompatible",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "Principal",
+    "Provider",
+    "ProviderSettings",
+    "RateLimitError",
+    "RecordHook",
+    "Reply",
+    "RequestRecord",
+    "StaticKeys",
+    "UpstreamError",
+    "__version__",
+]

@@ -1,0 +1,99 @@
+"""Reading and checking request bodies: only the fields the gateway itself needs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+
+from .errors import InvalidRequestError, PayloadTooLargeError
+
+__all__ = ["check_chat", "check_embeddings", "read_json"]
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except ValueError:
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request. The body must be a JSON object."
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.")
+    return body
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"The request body is larger than this gateway's limit of {limit} bytes.")
+
+
+def _type_error(param: str, expected: str, value: Any) -> InvalidRequestError:
+    got = "null" if value is None else type(value).__name__
+    return InvalidRequestError(
+        f"Invalid type for '{param}': expected {expected}, but got {got}.", param=param
+    )
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequestError("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise _type_error("model", "a non-empty string", model)
+    return model
+
+
+def _optional(body: dict[str, Any], param: str, kind: type | tuple[type, ...], expected: str) -> None:
+    value = body.get(param)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+        raise _type_error(param, expected, value)
+
+
+def check_chat(body: dict[str, Any]) -> tuple[str, bool]:
+    """The model asked for and whether to stream; 400 for what the gateway itself reads."""
+    model = _model(body)
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequestError("Missing required parameter: 'messages'.", param="messages")
+    if not isinstance(messages, list):
+        raise _type_error("messages", "an array", messages)
+    if not messages:
+        raise InvalidRequestError(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+            param="messages",
+        )
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _type_error(f"messages[{index}]", "an object", message)
+        if not isinstance(message.get("role"), str):
+            raise _type_error(f"messages[{index}].role", "a string", message.get("role"))
+    _optional(body, "stream", bool, "a boolean")
+    _optional(body, "stream_options", dict, "an object")
+    for param in ("max_tokens", "max_completion_tokens", "n"):
+        _optional(body, param, int, "an integer")
+        if (value := body.get(param)) is not None and value < 1:
+            raise InvalidRequestError(f"Invalid '{param}': must be at least 1.", param=param)
+    for param in ("temperature", "top_p"):
+        _optional(body, param, (int, float), "a number")
+    return model, body.get("stream") is True
+
+
+def check_embeddings(body: dict[str, Any]) -> str:
+    model = _model(body)
+    inputs = body.get("input")
+    if inputs is None:
+        raise InvalidRequestError("Missing required parameter: 'input'.", param="input")
+    if not isinstance(inputs, (str, list)) or (isinstance(inputs, list) and not inputs):
+        raise _type_error("input", "a string or a non-empty array", inputs)
+    _optional(body, "dimensions", int, "an integer")
+    return model

@@ -1,0 +1,146 @@
+"""`POST /chat/completions`: whole answers and SSE streams, relayed chunk by chunk."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ..errors import GateError, InvalidRequestError, UpstreamError, error_body
+from ..record import RequestRecord, usage_into
+from ..routing import Deployment, ModelEntry
+from ..sse import DONE, frame
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+__all__ = ["ChatAPI"]
+
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+_USAGE_FIELD = re.compile(rb'"usage"\s*:\s*\{')
+_STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class ChatAPI:
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    async def create(self, request: Request) -> Response:
+        gateway = self._gateway
+        record = await gateway.begin(request, "chat.completions")
+        try:
+            body = await gateway.read_json(request)
+            model, stream = gateway.check_chat(body)
+            record.model, record.stream = model, stream
+            entry = gateway.catalogue.resolve(model)
+            if entry.kind != "chat":
+                raise InvalidRequestError(
+                    f"'{entry.id}' is an embedding model; it cannot be used for chat.",
+                    param="model",
+                    code="model_not_supported",
+                )
+            deployment = entry.pick()
+            record.model_id, record.provider = entry.id, deployment.provider_name
+            record.upstream_model = deployment.model
+            upstream_body = {**body, "model": deployment.model}
+            if stream:
+                return await self._stream(body, upstream_body, entry, deployment, record)
+            reply = await deployment.provider.chat(upstream_body)
+        except GateError as exc:
+            gateway.finish(record, exc)
+            raise
+        data = reply.data
+        data["model"] = entry.id
+        usage_into(record, data.get("usage"))
+        gateway.finish(record)
+        return Response(
+            json.dumps(data, separators=(",", ":")).encode(),
+            media_type="application/json",
+            headers={"x-gate-provider": deployment.provider_name},
+        )
+
+    async def _stream(
+        self,
+        body: dict[str, Any],
+        upstream_body: dict[str, Any],
+        entry: ModelEntry,
+        deployment: Deployment,
+        record: RequestRecord,
+    ) -> Response:
+        chunks = deployment.provider.stream_chat(upstream_body)
+        try:
+            # The first chunk comes before the response starts, so a refusal still gets
+            # its own status (and, later, a retry elsewhere).
+            first: bytes | None = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await _close(chunks)
+            raise
+        record.ttft_ms = (time.perf_counter() - record.started) * 1000
+        options = body.get("stream_options")
+        client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        model_field = b'"model":' + json.dumps(entry.id).encode()
+        rewrite = entry.id != deployment.model
+        gateway = self._gateway
+
+        def relay(payload: bytes) -> bytes | None:
+            if not (payload.startswith(b"{") and payload.endswith(b"}")):
+                raise UpstreamError(
+                    "The upstream sent a malformed stream event.",
+                    status=502,
+                    code="upstream_bad_response",
+                )
+            if _USAGE_FIELD.search(payload):
+                chunk = json.loads(payload)
+                usage_into(record, chunk.get("usage"))
+                if not client_wants_usage and not chunk.get("choices"):
+                    return None  # we asked for usage, the client did not
+            if rewrite:
+                payload = _MODEL_FIELD.sub(model_field, payload, count=1)
+            return frame(payload)
+
+        async def events() -> AsyncIterator[bytes]:
+            error: GateError | None = None
+            disconnected = True  # until the loop ends by itself
+            try:
+                if first is not None:
+                    if (out := relay(first)) is not None:
+                        yield out
+                    async for payload in chunks:
+                        if (out := relay(payload)) is not None:
+                            yield out
+                disconnected = False
+            except (UpstreamError, ValueError) as exc:
+                # After the first byte there is no status left to change: the stream
+                # ends with an OpenAI-shaped error event, then [DONE].
+                error = (
+                    exc
+                    if isinstance(exc, UpstreamError)
+                    else UpstreamError("The upstream sent a malformed stream event.")
+                )
+                disconnected = False
+                yield frame(json.dumps(error_body(error)).encode())
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await _close(chunks)
+                    gateway.finish(record, error, disconnected=disconnected)
+            yield DONE
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={**_STREAM_HEADERS, "x-gate-provider": deployment.provider_name},
+        )
+
+
+async def _close(chunks: AsyncIterator[bytes]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -1,0 +1,28 @@
+"""`GET /models` and `GET /models/{id}`: OpenAI's list shape, plus owner, context and prices."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+__all__ = ["ModelsAPI"]
+
+
+class ModelsAPI:
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    async def list(self, request: Request) -> Response:
+        await self._gateway.begin(request, "models", record=False)
+        cards = [entry.card() for entry in self._gateway.catalogue.entries()]
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def retrieve(self, request: Request) -> Response:
+        await self._gateway.begin(request, "models", record=False)
+        entry = self._gateway.catalogue.resolve(request.path_params["model_id"])
+        return JSONResponse(entry.card())

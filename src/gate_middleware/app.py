@@ -1,0 +1,276 @@
+"""`Gateway`: the Starlette application a host mounts (`app.mount("/v1", gateway)`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import _body
+from ._known_models import VENDOR_BASE_URLS
+from .api.chat import ChatAPI
+from .api.embeddings import EmbeddingsAPI
+from .api.models import ModelsAPI
+from .auth import Authenticator, StaticKeys, authenticate
+from .errors import (
+    ConfigurationError,
+    GateError,
+    GatewayNotStartedError,
+    NotFoundError,
+    error_response,
+    handle_gate_error,
+    handle_unexpected,
+)
+from .providers.base import Provider
+from .providers.fake import FakeProvider
+from .providers.openai import OpenAICompatible
+from .record import RecordHook, RequestRecord
+from .routing import Catalogue
+from .settings import GateSettings
+
+__all__ = ["Gateway"]
+
+logger = logging.getLogger("gate_middleware")
+
+_REQUEST_ID = "gate.request_id"
+
+
+class Gateway(Starlette):
+    """An OpenAI-compatible gateway, mountable in any Starlette or FastAPI app.
+
+    Mounted apps get no lifespan events, so the host starts the gateway itself:
+    `FastAPI(lifespan=gateway.lifespan)`, or `async with gateway:` in its own lifespan.
+    """
+
+    def __init__(
+        self,
+        settings: GateSettings | None = None,
+        *,
+        providers: Mapping[str, Provider] | None = None,
+        authenticator: Authenticator | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        record_hooks: Iterable[RecordHook] = (),
+        debug: bool = False,
+    ) -> None:
+        self.settings = settings or GateSettings()
+        self.providers: dict[str, Provider] = _build_providers(self.settings, http_client)
+        self.providers.update(providers or {})
+        if not self.providers:
+            logger.warning("No upstream is configured: serving the built-in fake provider.")
+            self.providers["fake"] = FakeProvider(latency=self.settings.fake_latency)
+        self.catalogue = Catalogue.build(self.settings, self.providers)
+        if authenticator is None:
+            keys = [key.get_secret_value() for key in self.settings.api_keys]
+            if not keys:
+                raise ConfigurationError(
+                    "The gateway has no API keys: set GATE_API_KEYS, or pass authenticator=."
+                )
+            authenticator = StaticKeys(keys)
+        self.authenticator = authenticator
+        self.record_hooks = list(record_hooks)
+        self._max_body = self.settings.max_body_bytes
+        self._users = 0
+
+        chat, embeddings, models = ChatAPI(self), EmbeddingsAPI(self), ModelsAPI(self)
+        routes = [
+            Route("/chat/completions", chat.create, methods=["POST"]),
+            Route("/embeddings", embeddings.create, methods=["POST"]),
+            Route("/models", models.list, methods=["GET"]),
+            Route("/models/{model_id:path}", models.retrieve, methods=["GET"]),
+        ]
+        middleware = [Middleware(_RequestContext, gateway=self)]
+        if self.settings.cors_origins:
+            middleware.insert(
+                0,
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=self.settings.cors_origins,
+                    allow_methods=["GET", "POST", "OPTIONS"],
+                    allow_headers=["*"],
+                    expose_headers=["x-request-id", "x-gate-provider", "retry-after"],
+                ),
+            )
+        super().__init__(
+            debug=debug,
+            routes=routes,
+            middleware=middleware,
+            exception_handlers={
+                GateError: handle_gate_error,
+                HTTPException: _handle_http_exception,
+                Exception: handle_unexpected,
+            },
+            lifespan=self.lifespan,
+        )
+        self.router.default = self._not_found
+
+    # Lifecycle -------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._users > 0
+
+    async def __aenter__(self) -> Gateway:
+        if self._users == 0:
+            opened: list[Provider] = []
+            try:
+                for provider in self.providers.values():
+                    await provider.startup()
+                    opened.append(provider)
+            except BaseException:
+                for provider in opened:
+                    await provider.aclose()
+                raise
+        self._users += 1
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._users -= 1
+        if self._users == 0:
+            for provider in self.providers.values():
+                await provider.aclose()
+
+    @asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """For `FastAPI(lifespan=gateway.lifespan)` or `Starlette(lifespan=...)`."""
+        async with self:
+            yield
+
+    # Helpers the API modules share ------------------------------------------------
+
+    async def begin(self, request: Request, endpoint: str, *, record: bool = True) -> RequestRecord:
+        principal = await authenticate(self.authenticator, request.headers)
+        headers = request.headers
+        return RequestRecord(
+            request_id=request.scope[_REQUEST_ID],
+            principal_id=principal.id,
+            key_hint=principal.key_hint,
+            endpoint=endpoint,
+            model="",
+            started=time.perf_counter(),
+            app=headers.get("x-title") or headers.get("http-referer"),
+        )
+
+    def finish(
+        self, record: RequestRecord, error: GateError | None = None, *, disconnected: bool = False
+    ) -> None:
+        record.latency_ms = (time.perf_counter() - record.started) * 1000
+        if error is not None:
+            record.status, record.error_code = error.status, error.code
+        elif disconnected:
+            record.status, record.error_code = 499, "client_disconnected"
+        for hook in self.record_hooks:
+            try:
+                hook(record)
+            except Exception:
+                logger.exception("A record hook failed (request %s).", record.request_id)
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        return await _body.read_json(request, self._max_body)
+
+    check_chat = staticmethod(_body.check_chat)
+    check_embeddings = staticmethod(_body.check_embeddings)
+
+    async def _not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
+        root = scope.get("root_path", "")
+        path = scope.get("path", "")
+        paths = ", ".join(
+            f"{method} {root}{p}"
+            for method, p in (
+                ("POST", "/chat/completions"),
+                ("POST", "/embeddings"),
+                ("GET", "/models"),
+                ("GET", "/models/{model}"),
+            )
+        )
+        message = f"Unknown path '{path}'. This gateway serves: {paths}."
+        if root and path.startswith(root + root):
+            message += f" The base URL may repeat '{root}'."
+        error = NotFoundError(message, code="unknown_url")
+        await error_response(error)(scope, receive, send)
+
+
+async def _handle_http_exception(request: Request, exc: Exception) -> Any:
+    assert isinstance(exc, HTTPException)
+    error = GateError(exc.detail, status=exc.status_code, type="invalid_request_error")
+    error.headers.update(exc.headers or {})
+    return error_response(error)
+
+
+def _build_providers(
+    settings: GateSettings, http_client: httpx.AsyncClient | None
+) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    for name, config in settings.providers.items():
+        if config.kind == "fake":
+            providers[name] = FakeProvider(latency=settings.fake_latency)
+            continue
+        base_url = config.base_url or VENDOR_BASE_URLS.get(name)
+        if base_url is None:
+            raise ConfigurationError(
+                f"Provider {name!r} needs a base_url (GATE_PROVIDERS__{name.upper()}__BASE_URL)."
+            )
+        providers[name] = OpenAICompatible(
+            base_url,
+            api_key=config.api_key.get_secret_value() if config.api_key else None,
+            headers=config.headers,
+            connect_timeout=config.connect_timeout or settings.connect_timeout,
+            read_timeout=config.read_timeout or settings.read_timeout,
+            stream_timeout=config.stream_timeout or settings.stream_timeout,
+            stream_usage=config.stream_usage,
+            client=http_client,
+        )
+    return providers
+
+
+class _RequestContext:
+    """Gives every response an `x-request-id` and refuses work before start-up."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_request_id(scope) or f"req_{uuid.uuid4().hex}"
+        scope[_REQUEST_ID] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
+        if not self.gateway.started:
+            logger.error("A request reached the gateway before its lifespan started it.")
+            error = GatewayNotStartedError(
+                "The gateway was not started. Mounted apps get no lifespan events: start it "
+                "with FastAPI(lifespan=gateway.lifespan), or 'async with gateway:' inside "
+                "the host's own lifespan.",
+                headers={"x-should-retry": "false"},
+            )
+            await error_response(error)(scope, receive, send_with_id)
+            return
+        await self.app(scope, receive, send_with_id)
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            # Echoed back as a header: keep it short and printable.
+            return text[:128] if text.isprintable() and text else None
+    return None

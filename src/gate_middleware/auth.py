@@ -1,0 +1,77 @@
+"""Who is calling: bearer keys -> principals, behind a protocol the account system replaces."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from starlette.datastructures import Headers
+
+from .errors import AuthenticationError
+
+__all__ = ["Authenticator", "Principal", "StaticKeys", "bearer_key", "key_hint"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller; `key_hint` is all of the key that may be shown or logged."""
+
+    id: str
+    key_hint: str
+
+
+@runtime_checkable
+class Authenticator(Protocol):
+    async def authenticate(self, key: str) -> Principal | None:
+        """The caller this key belongs to, or None for an unknown key."""
+
+
+def key_hint(key: str) -> str:
+    return key[:8] + "..." if len(key) > 8 else "***"
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class StaticKeys:
+    """Keys fixed in settings. Stored as digests, so the lookup leaks no key by timing."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._principals = {
+            _digest(key): Principal(id=f"key-{index}", key_hint=key_hint(key))
+            for index, key in enumerate(keys)
+        }
+
+    def __len__(self) -> int:
+        return len(self._principals)
+
+    async def authenticate(self, key: str) -> Principal | None:
+        return self._principals.get(_digest(key))
+
+
+def bearer_key(headers: Headers) -> str:
+    """The caller's key from `Authorization: Bearer`, or `x-api-key` as Anthropic's SDKs send."""
+    value = headers.get("authorization")
+    if value:
+        scheme, _, key = value.partition(" ")
+        key = key.strip()
+        if scheme.lower() == "bearer" and key:
+            return key
+    if key := headers.get("x-api-key", "").strip():
+        return key
+    raise AuthenticationError(
+        "You didn't provide an API key. Send it in the Authorization header "
+        "as 'Authorization: Bearer YOUR_KEY'.",
+        code="missing_api_key" if not value else "invalid_api_key",
+    )
+
+
+async def authenticate(authenticator: Authenticator, headers: Headers) -> Principal:
+    key = bearer_key(headers)
+    principal = await authenticator.authenticate(key)
+    if principal is None:
+        raise AuthenticationError(f"Incorrect API key provided: {key_hint(key)}.")
+    return principal

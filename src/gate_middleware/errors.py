@@ -1,0 +1,174 @@
+"""One exception tree, rendered in one place as OpenAI-shaped errors.
+
+    GateError
+    ├── InvalidRequestError      400 invalid_request_error
+    ├── AuthenticationError      401 invalid_api_key
+    ├── PermissionDeniedError    403 permission_denied
+    ├── NotFoundError            404 not_found / model_not_found
+    ├── PayloadTooLargeError     413 request_too_large
+    ├── RateLimitError           429 rate_limit_exceeded
+    ├── UpstreamError            the upstream's status, relayed
+    └── GatewayNotStartedError   500, the host forgot the lifespan
+    ConfigurationError           not HTTP: raised when the gateway is built
+
+The official SDKs pick their exception class from the status, so the status is what
+matters most; `type` and `code` follow OpenAI's own values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigurationError",
+    "GateError",
+    "GatewayNotStartedError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "UpstreamError",
+    "error_body",
+    "error_response",
+]
+
+
+class ConfigurationError(Exception):
+    """A mistake in how the gateway was set up, raised when it is built."""
+
+
+class GateError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.headers = dict(headers or {})
+
+
+class InvalidRequestError(GateError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(GateError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(GateError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFoundError(GateError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLargeError(GateError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimitError(GateError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(GateError):
+    """An error answered by (or while reaching) an upstream, relayed to the client.
+
+    `retryable` says whether another attempt could help; `retry_after` is the
+    upstream's own hint in seconds, where it gave one.
+    """
+
+    type = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 502,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message, status=status, type=type, code=code, param=param)
+        self.retry_after = retry_after
+        self.retryable = _is_retryable(status) if retryable is None else retryable
+        if retry_after is not None:
+            self.headers["retry-after"] = str(max(1, round(retry_after)))
+        if not self.retryable:
+            self.headers["x-should-retry"] = "false"
+
+
+class GatewayNotStartedError(GateError):
+    status = 500
+    type = "server_error"
+    code = "gateway_not_started"
+
+
+def _is_retryable(status: int) -> bool:
+    return status in (408, 409, 429) or status >= 500
+
+
+def error_body(exc: GateError) -> dict[str, object]:
+    return {
+        "error": {
+            "message": exc.message,
+            "type": exc.type,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
+
+
+def error_response(exc: GateError) -> Response:
+    return Response(
+        json.dumps(error_body(exc)).encode(),
+        status_code=exc.status,
+        headers=exc.headers,
+        media_type="application/json",
+    )
+
+
+async def handle_gate_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GateError)
+    return error_response(exc)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    # ServerErrorMiddleware logs the traceback; the client gets no trace of it.
+    return error_response(GateError("The gateway failed to handle the request.", code="internal_error"))

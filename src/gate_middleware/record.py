@@ -1,0 +1,56 @@
+"""What one request did: the facts metering, ledgers and logs are made from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RecordHook", "RequestRecord", "usage_into"]
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    principal_id: str
+    key_hint: str
+    endpoint: str
+    model: str
+    stream: bool = False
+    model_id: str | None = None
+    provider: str | None = None
+    upstream_model: str | None = None
+    status: int = 200
+    error_code: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    usage_reported: bool = False
+    started: float = 0.0
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    app: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+RecordHook = Callable[[RequestRecord], None]
+
+
+def usage_into(record: RequestRecord, usage: Any) -> None:
+    """Copy an OpenAI `usage` object (with its optional details) into the record."""
+    if not isinstance(usage, dict):
+        return
+    record.usage_reported = True
+    record.prompt_tokens = _int(usage.get("prompt_tokens"))
+    record.completion_tokens = _int(usage.get("completion_tokens"))
+    prompt_details = usage.get("prompt_tokens_details")
+    if isinstance(prompt_details, dict):
+        record.cached_tokens = _int(prompt_details.get("cached_tokens"))
+    completion_details = usage.get("completion_tokens_details")
+    if isinstance(completion_details, dict):
+        record.reasoning_tokens = _int(completion_details.get("reasoning_tokens"))
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

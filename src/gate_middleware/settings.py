@@ -1,0 +1,115 @@
+"""Configuration: one pydantic-settings object, `GATE_` environment variables.
+
+Nested values come as JSON (`GATE_PROVIDERS='{"openai": {"api_key": "sk-..."}}'`) or
+with `__` between levels (`GATE_PROVIDERS__OPENAI__API_KEY=sk-...`). A JSON or TOML
+file named by `GATE_CONFIG_FILE` is read under the environment, which wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["DeploymentSettings", "GateSettings", "ModelSettings", "ProviderSettings"]
+
+
+class ProviderSettings(BaseModel):
+    """One upstream. `kind="openai"` covers every OpenAI-compatible server."""
+
+    kind: Literal["openai", "fake"] = "openai"
+    base_url: str | None = Field(None, description="Default: the vendor's own, by name.")
+    api_key: SecretStr | None = None
+    headers: dict[str, str] = {}
+    connect_timeout: float | None = None
+    read_timeout: float | None = None
+    stream_timeout: float | None = None
+    stream_usage: bool = Field(True, description="Ask streams for usage (metering).")
+
+
+class DeploymentSettings(BaseModel):
+    provider: str
+    model: str | None = Field(None, description="The upstream's name for the model.")
+    weight: float = Field(1.0, gt=0)
+
+
+class ModelSettings(BaseModel):
+    """A catalogue entry; prices are USD per million tokens."""
+
+    deployments: list[DeploymentSettings] = []
+    owned_by: str | None = None
+    context_length: int | None = None
+    input_price: float | None = None
+    output_price: float | None = None
+    cached_input_price: float | None = None
+    kind: Literal["chat", "embedding"] = "chat"
+
+
+class GateSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATE_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        [], description="Bearer keys the gateway accepts (comma-separated or JSON list)."
+    )
+    providers: dict[str, ProviderSettings] = Field(
+        {}, description="Upstreams by name; none configured serves the built-in fake."
+    )
+    models: dict[str, ModelSettings] = Field(
+        {}, description="Catalogue entries added to (or overriding) the built-in one."
+    )
+    aliases: dict[str, str] = Field({}, description="Extra model names, e.g. gpt-4o.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0, description="Whole answer, non-streaming.")
+    stream_timeout: float = Field(120.0, gt=0, description="Between two stream events.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="Browser origins allowed to call the gateway ('*' for any)."
+    )
+    fake_latency: float = Field(
+        0.0, ge=0, description="Seconds between stream chunks of fake providers."
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings, dotenv_settings, file_secret_settings]
+        config_file = os.environ.get("GATE_CONFIG_FILE")
+        if config_file:
+            path = Path(config_file)
+            if path.suffix == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            else:
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+        return tuple(sources)
