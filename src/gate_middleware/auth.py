@@ -73,5 +73,5 @@ async def authenticate(authenticator: Authenticator, headers: Headers) -> Princi
     key = bearer_key(headers)
     principal = await authenticator.authenticate(key)
     if principal is None:
-        raise AuthenticationError(f"Incorrect API key provided: {key_hint(key)}.")
+        raise AuthenticationError(f"Incorrect API key provided: '{key_hint(key)}'.")
     return principal

@@ -1,0 +1,66 @@
+"""`gate-middleware serve`: the demo gateway on the embedded defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+
+from pydantic import SecretStr
+
+__all__ = ["main"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        print("The server needs uvicorn: pip install 'gate-middleware[server]'", file=sys.stderr)
+        return 2
+    from .demo import create_app
+    from .settings import GateSettings
+
+    settings = GateSettings()
+    generated = None
+    if not settings.api_keys:
+        generated = "sk-gate-demo-" + secrets.token_urlsafe(18)
+        settings = settings.model_copy(update={"api_keys": [SecretStr(generated)]})
+    app = create_app(settings)
+    url = f"http://{args.host}:{args.port}/v1"
+    print(f"gate-middleware: OpenAI-compatible gateway at {url}", flush=True)
+    if generated:
+        # A fresh key for this run only; set GATE_API_KEYS to choose your own.
+        print(f"gate-middleware: API key for this run: {generated}", flush=True)
+    else:
+        print("gate-middleware: API keys from GATE_API_KEYS", flush=True)
+    print(
+        "gate-middleware: upstreams: " + ", ".join(sorted(app.state.gateway.providers)),
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gate-middleware", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the demo gateway")
+    serve.add_argument("--host", default=os.environ.get("GATE_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("GATE_PORT", "8000")))
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(handler=_serve)
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
