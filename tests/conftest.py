@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import httpx2
+import openai
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.types import ASGIApp
+
+from gate_middleware import Gateway, GateSettings, ProviderSettings, RequestRecord
+from gate_middleware.testing import FakeUpstream
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """A real uvicorn server on loopback, in a thread of its own."""
+
+    def __init__(self, app: ASGIApp, **config: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config.setdefault("log_level", "warning")
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, **config)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def upstream() -> FakeUpstream:
+    return FakeUpstream()
+
+
+@pytest.fixture
+def records() -> list[RequestRecord]:
+    return []
+
+
+def make_gateway(
+    upstream: ASGIApp, records: list[RequestRecord] | None = None, **settings: Any
+) -> Gateway:
+    settings.setdefault("api_keys", [KEY])
+    settings.setdefault(
+        "providers", {"openai": ProviderSettings(base_url="http://upstream/v1", api_key="up-key")}
+    )
+    return Gateway(
+        GateSettings(**settings),
+        http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=upstream)),
+        record_hooks=[records.append] if records is not None else (),
+    )
+
+
+def mounted(gateway: Gateway) -> Starlette:
+    return Starlette(routes=[Mount("/v1", gateway)])
+
+
+@pytest.fixture
+async def gateway(upstream: FakeUpstream, records: list[RequestRecord]) -> AsyncIterator[Gateway]:
+    gateway = make_gateway(upstream, records)
+    async with gateway:
+        yield gateway
+
+
+def sdk(app: ASGIApp, key: str = KEY, **options: Any) -> openai.AsyncOpenAI:
+    transport = httpx2.ASGITransport(app=app)
+    return openai.AsyncOpenAI(
+        base_url="http://gate.test/v1",
+        api_key=key,
+        http_client=httpx2.AsyncClient(transport=transport),
+        max_retries=options.pop("max_retries", 0),
+        **options,
+    )
+
+
+@pytest.fixture
+def client(gateway: Gateway) -> openai.AsyncOpenAI:
+    return sdk(mounted(gateway))
+
+
+@pytest.fixture
+async def http(gateway: Gateway) -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(
+        transport=httpx2.ASGITransport(app=mounted(gateway)),
+        base_url="http://gate.test",
+        headers={"authorization": f"Bearer {KEY}"},
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+def live_upstream() -> Iterator[tuple[FakeUpstream, str]]:
+    upstream = FakeUpstream()
+    with LiveServer(upstream) as server:
+        yield upstream, server.url + "/v1"
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import httpx2
+import openai
+import pytest
+
+from gate_middleware import RequestRecord
+from gate_middleware.testing import FakeUpstream, Fault
+
+from .conftest import KEY, make_gateway, mounted, sdk
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def assert_openai_error(body: dict, *, param: str | None = None, code: str | None = None) -> None:
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": MESSAGES}, "model"),
+        ({"model": 5, "messages": MESSAGES}, "model"),
+        ({"model": "openai/gpt-4.1"}, "messages"),
+        ({"model": "openai/gpt-4.1", "messages": "hi"}, "messages"),
+        ({"model": "openai/gpt-4.1", "messages": []}, "messages"),
+        ({"model": "openai/gpt-4.1", "messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"model": "openai/gpt-4.1", "messages": MESSAGES, "stream": "yes"}, "stream"),
+        ({"model": "openai/gpt-4.1", "messages": MESSAGES, "max_tokens": "9"}, "max_tokens"),
+        ({"model": "openai/gpt-4.1", "messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"model": "openai/gpt-4.1", "messages": MESSAGES, "temperature": True}, "temperature"),
+    ],
+)
+async def test_bad_chat_bodies_name_the_param(
+    http: httpx2.AsyncClient, upstream: FakeUpstream, body: dict, param: str
+) -> None:
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert_openai_error(response.json(), param=param)
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
+async def test_malformed_json_is_400(http: httpx2.AsyncClient, raw: bytes) -> None:
+    response = await http.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert_openai_error(response.json())
+
+
+async def test_sdk_raises_its_own_classes(client: openai.AsyncOpenAI, gateway: object) -> None:
+    with pytest.raises(openai.NotFoundError) as not_found:
+        await client.chat.completions.create(model="acme/nothing", messages=MESSAGES)
+    assert not_found.value.code == "model_not_found"
+    assert "GET /models" in not_found.value.message
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model="openai/gpt-4.1", messages=[])
+    with pytest.raises(openai.BadRequestError) as wrong_kind:
+        await client.embeddings.create(model="openai/gpt-4.1", input="x")
+    assert wrong_kind.value.param == "model"
+
+
+async def test_wrong_or_missing_key_is_401_and_never_echoed(upstream: FakeUpstream) -> None:
+    gateway = make_gateway(upstream)
+    async with gateway:
+        secret = "sk-wrongkey-0123456789-very-secret"
+        with pytest.raises(openai.AuthenticationError) as wrong:
+            await sdk(mounted(gateway), key=secret).models.list()
+        assert wrong.value.code == "invalid_api_key"
+        assert "sk-wrong" in wrong.value.message
+        assert secret[:9] not in wrong.value.message
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=mounted(gateway)), base_url="http://t"
+        ) as http:
+            missing = await http.post("/v1/chat/completions", json={})
+            assert missing.status_code == 401
+            assert_openai_error(missing.json())
+            # x-api-key is accepted too (Anthropic's SDKs send it).
+            ok = await http.get("/v1/models", headers={"x-api-key": KEY})
+            assert ok.status_code == 200
+
+
+async def test_body_over_the_limit_is_413(upstream: FakeUpstream) -> None:
+    gateway = make_gateway(upstream, max_body_bytes=1000)
+    async with gateway, httpx2.AsyncClient(
+        transport=httpx2.ASGITransport(app=mounted(gateway)),
+        base_url="http://t",
+        headers={"authorization": f"Bearer {KEY}"},
+    ) as http:
+        big = {"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "x" * 2000}]}
+        response = await http.post("/v1/chat/completions", json=big)
+        assert response.status_code == 413
+        assert_openai_error(response.json(), code="request_too_large")
+
+        async def chunked():  # no content-length: the limit still holds
+            yield b'{"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "'
+            for _ in range(20):
+                yield b"x" * 100
+            yield b'"}]}'
+
+        streamed = await http.post("/v1/chat/completions", content=chunked())
+        assert streamed.status_code == 413
+    assert upstream.requests == []
+
+
+async def test_unknown_paths(http: httpx2.AsyncClient, gateway: object) -> None:
+    doubled = await http.post("/v1/v1/chat/completions", json={})
+    assert doubled.status_code == 404
+    assert_openai_error(doubled.json(), code="unknown_url")
+    assert "POST /v1/chat/completions" in doubled.json()["error"]["message"]
+    assert "repeat" in doubled.json()["error"]["message"]
+    # Outside the mount, the host's own 404 is left alone.
+    root = await http.post("/chat/completions", json={})
+    assert root.status_code == 404 and root.text == "Not Found"
+    wrong_method = await http.get("/v1/chat/completions")
+    assert wrong_method.status_code == 405
+    assert_openai_error(wrong_method.json())
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "error_class"),
+    [
+        (Fault(status=429, retry_after=7), 429, openai.RateLimitError),
+        (Fault(status=500), 500, openai.InternalServerError),
+        (Fault(status=503), 503, openai.InternalServerError),
+        (Fault(status=529), 503, openai.InternalServerError),
+        (Fault(status=400, message="context too long"), 400, openai.BadRequestError),
+        (Fault(status=401), 502, openai.InternalServerError),
+        (Fault(malformed=True), 502, openai.InternalServerError),
+        (Fault(drop="before"), 502, openai.InternalServerError),
+    ],
+)
+async def test_upstream_errors_are_relayed_openai_shaped(
+    client: openai.AsyncOpenAI,
+    upstream: FakeUpstream,
+    records: list[RequestRecord],
+    fault: Fault,
+    status: int,
+    error_class: type[openai.APIStatusError],
+) -> None:
+    upstream.schedule(fault)
+    with pytest.raises(error_class) as caught:
+        await client.chat.completions.create(model="openai/gpt-4.1", messages=MESSAGES)
+    error = caught.value
+    assert error.status_code == status
+    assert_openai_error({"error": error.body})
+    if fault.retry_after:
+        assert error.response.headers["retry-after"] == "7"
+    if fault.status == 529:
+        assert error.body["message"] == "Overloaded"
+    if fault.status == 401:
+        # The vendor refused the gateway's key: not the caller's fault, and no retry helps.
+        assert error.code == "upstream_auth_error"
+        assert error.response.headers["x-should-retry"] == "false"
+    if fault.status == 400:
+        assert error.body["message"] == "context too long"
+    assert records[-1].status == status
+
+
+async def test_stream_refused_before_first_byte_keeps_its_status(
+    http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    upstream.schedule(Fault(status=503))
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": "openai/gpt-4.1", "messages": MESSAGES, "stream": True},
+    )
+    assert response.status_code == 503
+    assert_openai_error(response.json())
+
+
+async def test_a_host_provider_failing_unexpectedly_is_a_clean_500(upstream: FakeUpstream) -> None:
+    class Broken:
+        async def startup(self) -> None: ...
+        async def aclose(self) -> None: ...
+        async def chat(self, body):  # type: ignore[no-untyped-def]
+            raise RuntimeError("bug in a host provider")
+
+    gateway = make_gateway(upstream)
+    gateway.providers["openai"].chat = Broken().chat  # type: ignore[method-assign]
+    async with gateway, httpx2.AsyncClient(
+        transport=httpx2.ASGITransport(app=mounted(gateway), raise_app_exceptions=False),
+        base_url="http://t",
+        headers={"authorization": f"Bearer {KEY}"},
+    ) as http:
+        response = await http.post(
+            "/v1/chat/completions", json={"model": "openai/gpt-4.1", "messages": MESSAGES}
+        )
+    assert response.status_code == 500
+    assert_openai_error(response.json())
+    assert "Traceback" not in response.text and "bug in a host" not in response.text
