@@ -37,7 +37,9 @@ from .errors import (
 from .providers.base import Provider
 from .providers.fake import FakeProvider
 from .providers.openai import OpenAICompatible
+from .guard import Guard
 from .record import RecordHook, RequestRecord
+from .tokens import estimate_prompt_tokens
 from .routing import Catalogue
 from .settings import GateSettings
 
@@ -62,6 +64,7 @@ class Gateway(Starlette):
         providers: Mapping[str, Provider] | None = None,
         authenticator: Authenticator | None = None,
         http_client: httpx.AsyncClient | None = None,
+        guards: Iterable[Guard] = (),
         record_hooks: Iterable[RecordHook] = (),
         debug: bool = False,
     ) -> None:
@@ -80,6 +83,7 @@ class Gateway(Starlette):
                 )
             authenticator = StaticKeys(keys)
         self.authenticator = authenticator
+        self.guards = list(guards)
         self.record_hooks = list(record_hooks)
         self._max_body = self.settings.max_body_bytes
         self._users = 0
@@ -150,27 +154,53 @@ class Gateway(Starlette):
 
     # Helpers the API modules share ------------------------------------------------
 
-    async def begin(self, request: Request, endpoint: str, *, record: bool = True) -> RequestRecord:
+    async def begin(self, request: Request, endpoint: str) -> RequestRecord:
+        """Authenticate the caller and open the request's record."""
         principal = await authenticate(self.authenticator, request.headers)
         headers = request.headers
         return RequestRecord(
             request_id=request.scope[_REQUEST_ID],
-            principal_id=principal.id,
-            key_hint=principal.key_hint,
+            principal=principal,
             endpoint=endpoint,
             model="",
             started=time.perf_counter(),
             app=headers.get("x-title") or headers.get("http-referer"),
         )
 
-    def finish(
+    async def admit(self, record: RequestRecord, body: dict[str, Any]) -> None:
+        """Run every guard's `admit`; if one refuses, release what the others took."""
+        record.estimated_prompt_tokens = estimate_prompt_tokens(body)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        record.max_completion_tokens = limit if isinstance(limit, int) else None
+        admitted: list[Guard] = []
+        try:
+            for guard in self.guards:
+                await guard.admit(record)
+                admitted.append(guard)
+        except BaseException:
+            record.status = 0  # refused before any call: nothing used
+            for guard in reversed(admitted):
+                await guard.settle(record)
+            raise
+        record.admitted = True
+
+    async def finish(
         self, record: RequestRecord, error: GateError | None = None, *, disconnected: bool = False
     ) -> None:
+        """Close the record: settle the guards (once) and hand it to the hooks."""
         record.latency_ms = (time.perf_counter() - record.started) * 1000
         if error is not None:
             record.status, record.error_code = error.status, error.code
+            error.headers.update(record.headers)
         elif disconnected:
             record.status, record.error_code = 499, "client_disconnected"
+        if record.admitted:
+            record.admitted = False  # settle exactly once
+            for guard in self.guards:
+                try:
+                    await guard.settle(record)
+                except Exception:
+                    logger.exception("A guard failed to settle (request %s).", record.request_id)
         for hook in self.record_hooks:
             try:
                 hook(record)

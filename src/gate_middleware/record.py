@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .auth import Principal
 
 __all__ = ["RecordHook", "RequestRecord", "usage_into"]
 
 
 @dataclass(slots=True)
 class RequestRecord:
+    """One request, filled in as it goes; guards and hooks read it.
+
+    `headers` are added to the response (guards put rate-limit headers there);
+    `estimated_prompt_tokens` and `max_completion_tokens` are known before the call,
+    the token counts after it.
+    """
+
     request_id: str
-    principal_id: str
-    key_hint: str
+    principal: Principal
     endpoint: str
     model: str
     stream: bool = False
@@ -31,7 +40,16 @@ class RequestRecord:
     latency_ms: float | None = None
     ttft_ms: float | None = None
     app: str | None = None
+    estimated_prompt_tokens: int = 0
+    max_completion_tokens: int | None = None
+    attempts: int = 0
+    admitted: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key_hint(self) -> str:
+        return self.principal.key_hint
 
 
 RecordHook = Callable[[RequestRecord], None]

@@ -48,21 +48,22 @@ class ChatAPI:
             deployment = entry.pick()
             record.model_id, record.provider = entry.id, deployment.provider_name
             record.upstream_model = deployment.model
+            await gateway.admit(record, body)
             upstream_body = {**body, "model": deployment.model}
             if stream:
                 return await self._stream(body, upstream_body, entry, deployment, record)
             reply = await deployment.provider.chat(upstream_body)
         except GateError as exc:
-            gateway.finish(record, exc)
+            await gateway.finish(record, exc)
             raise
         data = reply.data
         data["model"] = entry.id
         usage_into(record, data.get("usage"))
-        gateway.finish(record)
+        await gateway.finish(record)
         return Response(
             json.dumps(data, separators=(",", ":")).encode(),
             media_type="application/json",
-            headers={"x-gate-provider": deployment.provider_name},
+            headers={**record.headers, "x-gate-provider": deployment.provider_name},
         )
 
     async def _stream(
@@ -130,13 +131,17 @@ class ChatAPI:
             finally:
                 with anyio.CancelScope(shield=True):
                     await _close(chunks)
-                    gateway.finish(record, error, disconnected=disconnected)
+                    await gateway.finish(record, error, disconnected=disconnected)
             yield DONE
 
         return StreamingResponse(
             events(),
             media_type="text/event-stream",
-            headers={**_STREAM_HEADERS, "x-gate-provider": deployment.provider_name},
+            headers={
+                **record.headers,
+                **_STREAM_HEADERS,
+                "x-gate-provider": deployment.provider_name,
+            },
         )
 
 

@@ -37,16 +37,17 @@ class EmbeddingsAPI:
             deployment = entry.pick()
             record.model_id, record.provider = entry.id, deployment.provider_name
             record.upstream_model = deployment.model
+            await gateway.admit(record, body)
             reply = await deployment.provider.embeddings({**body, "model": deployment.model})
         except GateError as exc:
-            gateway.finish(record, exc)
+            await gateway.finish(record, exc)
             raise
         data = reply.data
         data["model"] = entry.id
         usage_into(record, data.get("usage"))
-        gateway.finish(record)
+        await gateway.finish(record)
         return Response(
             json.dumps(data, separators=(",", ":")).encode(),
             media_type="application/json",
-            headers={"x-gate-provider": deployment.provider_name},
+            headers={**record.headers, "x-gate-provider": deployment.provider_name},
         )

@@ -18,11 +18,11 @@ class ModelsAPI:
         self._gateway = gateway
 
     async def list(self, request: Request) -> Response:
-        await self._gateway.begin(request, "models", record=False)
+        await self._gateway.begin(request, "models")
         cards = [entry.card() for entry in self._gateway.catalogue.entries()]
         return JSONResponse({"object": "list", "data": cards})
 
     async def retrieve(self, request: Request) -> Response:
-        await self._gateway.begin(request, "models", record=False)
+        await self._gateway.begin(request, "models")
         entry = self._gateway.catalogue.resolve(request.path_params["model_id"])
         return JSONResponse(entry.card())

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ..errors import InvalidRequestError
+from ..tokens import estimate_prompt_tokens, estimate_text_tokens
 from .base import Reply
 
 __all__ = [
@@ -36,25 +37,6 @@ _MAX_WORDS = 8192
 _CREATED = 1_760_000_000  # fixed, so the same request gets byte-identical answers
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return ""
-
-
-def prompt_tokens(messages: Any) -> int:
-    """A tokenizer-free estimate (about four characters a token, OpenAI's rule of thumb)."""
-    if not isinstance(messages, list):
-        return 0
-    total = 3
-    for message in messages:
-        if isinstance(message, dict):
-            total += 4 + (len(_text_of(message.get("content"))) + 3) // 4
-    return total
-
-
 def _plan(body: dict[str, Any]) -> tuple[str, list[str], str, dict[str, int]]:
     messages = body.get("messages") or []
     seed_text = json.dumps(messages, sort_keys=True)
@@ -64,7 +46,7 @@ def _plan(body: dict[str, Any]) -> tuple[str, list[str], str, dict[str, int]]:
     words = [_WORDS[(seed + i * 7) % len(_WORDS)] for i in range(count)]
     pieces = [w + " " for w in words[:-1]] + [words[-1] + "."]
     finish = "length" if isinstance(limit, int) and limit > 0 else "stop"
-    prompt = prompt_tokens(messages)
+    prompt = estimate_prompt_tokens({"messages": messages})
     usage = {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
     digest = hashlib.blake2b(f"{seed_text}|{body.get('model')}".encode(), digest_size=12)
     return f"chatcmpl-fake{digest.hexdigest()}", pieces, finish, usage
@@ -127,7 +109,7 @@ def fake_embeddings(body: dict[str, Any]) -> dict[str, Any]:
     data, tokens = [], 0
     for index, item in enumerate(inputs):
         text = item if isinstance(item, str) else json.dumps(item)
-        tokens += max(1, (len(text) + 3) // 4)
+        tokens += max(1, estimate_text_tokens(text))
         rng = random.Random(zlib.crc32(text.encode()))
         vector = [rng.uniform(-1.0, 1.0) for _ in range(size)]
         norm = sum(v * v for v in vector) ** 0.5
