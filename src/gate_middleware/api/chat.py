@@ -39,7 +39,7 @@ class ChatAPI:
             model, stream = gateway.check_chat(body)
             record.model, record.stream = model, stream
             entry = gateway.catalogue.resolve(model)
-            if entry.kind != "chat":
+            if entry.kind == "embedding":
                 raise InvalidRequestError(
                     f"'{entry.id}' is an embedding model; it cannot be used for chat.",
                     param="model",

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import anyio
 from starlette.types import Receive, Scope, Send
 
 from ..providers.fake import fake_chunks, fake_completion, fake_embeddings, fake_models
@@ -109,6 +110,8 @@ class FakeUpstream:
         self.random_faults = list(random_faults)
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
+        self.open_streams = 0
+        self.disconnects = 0  # streams whose client (the gateway) went away mid-way
         self._scheduled: deque[Fault] = deque(faults)
         self._random = random.Random(seed)
 
@@ -172,7 +175,7 @@ class FakeUpstream:
         if path == "/embeddings":
             await _send_json(send, fake_embeddings(body))
         elif body.get("stream"):
-            await self._stream(send, body, fault)
+            await self._watched_stream(receive, send, body, fault)
         else:
             await self._whole(send, body, fault)
 
@@ -186,6 +189,29 @@ class FakeUpstream:
                 await send({"type": "http.response.body", "body": payload[:10], "more_body": True})
             raise UpstreamDropped("fake upstream dropped the connection")
         await _send(send, 200, payload)
+
+    async def _watched_stream(
+        self, receive: Receive, send: Send, body: dict[str, Any], fault: Fault | None
+    ) -> None:
+        """Stream, and stop (counting it) the moment the client disconnects."""
+        self.open_streams += 1
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def watch() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    self.disconnects += 1
+                    group.cancel_scope.cancel()
+
+                async def stream() -> None:
+                    await self._stream(send, body, fault)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(watch)
+                group.start_soon(stream)
+        finally:
+            self.open_streams -= 1
 
     async def _stream(self, send: Send, body: dict[str, Any], fault: Fault | None) -> None:
         await _start(send, 200, [(b"content-type", b"text/event-stream")])

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import httpx2
+import openai
+import pytest
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.testclient import TestClient
+
+from gate_middleware import ConfigurationError, Gateway, GateSettings
+from gate_middleware.testing import FakeUpstream
+
+from .conftest import KEY, make_gateway, mounted, sdk
+
+
+async def test_a_forgotten_lifespan_fails_loudly(
+    upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = make_gateway(upstream)  # never started
+    with pytest.raises(openai.InternalServerError) as caught:
+        await sdk(mounted(gateway)).chat.completions.create(
+            model="openai/gpt-4.1", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.code == "gateway_not_started"
+    assert "lifespan=gateway.lifespan" in caught.value.body["message"]
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert "before its lifespan" in caplog.text
+    assert upstream.requests == []
+
+
+def test_fastapi_lifespan_starts_and_stops_the_gateway(upstream: FakeUpstream) -> None:
+    gateway = make_gateway(upstream)
+    app = FastAPI(lifespan=gateway.lifespan)
+    app.mount("/v1", gateway)
+    with TestClient(app) as client:
+        assert gateway.started
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"authorization": f"Bearer {KEY}"},
+        )
+        assert response.status_code == 200
+    assert not gateway.started
+
+
+async def test_context_manager_nests_and_closes_pools_once() -> None:
+    closed = []
+
+    class Tracked:
+        async def startup(self) -> None: ...
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    gateway = Gateway(GateSettings(api_keys=[KEY]), providers={"acme": Tracked()})  # type: ignore[dict-item]
+    async with gateway:
+        async with gateway:
+            assert gateway.started
+        assert gateway.started and closed == []
+    assert not gateway.started and closed == [True]
+
+
+async def test_the_gateway_as_the_root_app_runs_its_own_lifespan(upstream: FakeUpstream) -> None:
+    gateway = make_gateway(upstream)
+    host = Starlette(routes=[Mount("/v1", gateway)], lifespan=gateway.lifespan)
+    with TestClient(host) as client:
+        models = client.get("/v1/models", headers={"authorization": f"Bearer {KEY}"})
+    assert models.status_code == 200
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=host)) as http:
+        after = await http.get("http://t/v1/models", headers={"authorization": f"Bearer {KEY}"})
+    assert after.status_code == 500  # stopped again
+
+
+def test_configuration_mistakes_fail_at_construction() -> None:
+    with pytest.raises(ConfigurationError, match="GATE_API_KEYS"):
+        Gateway(GateSettings())
+    with pytest.raises(ConfigurationError, match="not configured"):
+        Gateway(
+            GateSettings(
+                api_keys=[KEY],
+                providers={"openai": {"base_url": "http://x/v1"}},
+                models={"acme/m": {"deployments": [{"provider": "nowhere"}]}},
+            )
+        )
+    with pytest.raises(ConfigurationError, match="base_url"):
+        Gateway(GateSettings(api_keys=[KEY], providers={"mycorp": {}}))
+    with pytest.raises(ConfigurationError, match="Alias"):
+        Gateway(GateSettings(api_keys=[KEY], aliases={"fast": "acme/none"}))

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gate_middleware import GateSettings
+
+
+def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATE_API_KEYS", "sk-one, sk-two")
+    monkeypatch.setenv("GATE_PROVIDERS__OPENAI__API_KEY", "sk-vendor-secret")
+    monkeypatch.setenv("GATE_PROVIDERS__LOCAL", '{"base_url": "http://127.0.0.1:9/v1"}')
+    monkeypatch.setenv("GATE_ALIASES", '{"fast": "openai/gpt-4.1-mini"}')
+    monkeypatch.setenv("GATE_MAX_BODY_BYTES", "1234")
+    settings = GateSettings()
+    assert [k.get_secret_value() for k in settings.api_keys] == ["sk-one", "sk-two"]
+    assert settings.providers["openai"].api_key is not None
+    assert settings.providers["local"].base_url == "http://127.0.0.1:9/v1"
+    assert settings.aliases == {"fast": "openai/gpt-4.1-mini"}
+    assert settings.max_body_bytes == 1234
+    # Secrets never print.
+    assert "sk-vendor-secret" not in repr(settings) and "sk-one" not in str(settings)
+
+
+def test_config_file_under_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "gate.json"
+    path.write_text(json.dumps({"api_keys": ["sk-file"], "read_timeout": 5, "cors_origins": ["*"]}))
+    monkeypatch.setenv("GATE_CONFIG_FILE", str(path))
+    monkeypatch.setenv("GATE_READ_TIMEOUT", "9")
+    settings = GateSettings()
+    assert settings.api_keys[0].get_secret_value() == "sk-file"
+    assert settings.read_timeout == 9 and settings.cors_origins == ["*"]
+
+
+def test_toml_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tomllib")
+    path = tmp_path / "gate.toml"
+    path.write_text('api_keys = ["sk-toml"]\n[providers.deepseek]\napi_key = "sk-ds"\n')
+    monkeypatch.setenv("GATE_CONFIG_FILE", str(path))
+    settings = GateSettings()
+    assert settings.providers["deepseek"].api_key is not None
