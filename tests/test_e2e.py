@@ -136,31 +136,37 @@ async def test_client_disconnect_cancels_the_upstream(
 def test_cli_serve_prints_url_and_key_and_serves() -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATE_")}
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "gate_middleware", "serve", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
-    )
-    try:
-        assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(4)]
-        assert any(f"http://127.0.0.1:{port}/v1" in line for line in lines), lines
-        key = next(line for line in lines if "API key" in line).rsplit(" ", 1)[-1].strip()
-        assert key.startswith("sk-gate-demo-")
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
-                answer = client.chat.completions.create(model="openai/gpt-4.1", messages=MESSAGES)
-                break
-            except openai.APIConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        assert answer.model == "openai/gpt-4.1"
-        assert answer.choices[0].message.content
-    finally:
-        process.terminate()
-        process.wait(10)
+    ) as process:
+        try:
+            _use_the_cli_server(process, port)
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+def _use_the_cli_server(process: subprocess.Popen[str], port: int) -> None:
+    assert process.stdout is not None
+    lines = [process.stdout.readline() for _ in range(4)]
+    assert any(f"http://127.0.0.1:{port}/v1" in line for line in lines), lines
+    key = next(line for line in lines if "API key" in line).rsplit(" ", 1)[-1].strip()
+    assert key.startswith("sk-gate-demo-")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key) as client:
+                answer = client.chat.completions.create(
+                    model="openai/gpt-4.1", messages=MESSAGES
+                )
+            break
+        except openai.APIConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert answer.model == "openai/gpt-4.1"
+    assert answer.choices[0].message.content
