@@ -1,0 +1,98 @@
+"""The servers bench/throughput.py starts, each under its own uvicorn process.
+
+`upstream`: the fake OpenAI upstream. `httpx_floor` / `aiohttp_floor`: the least a
+Starlette pass-through can do (forward the bytes, relay the answer). `gateway`: the
+demo host app with the gateway mounted at /v1. Upstream URL from BENCH_UPSTREAM.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from gate_middleware.testing import FakeUpstream
+
+UPSTREAM = os.environ.get("BENCH_UPSTREAM", "http://127.0.0.1:9100/v1")
+
+upstream = FakeUpstream()
+
+
+def _httpx_floor() -> Starlette:
+    client: httpx.AsyncClient | None = None
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal client
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+            yield
+
+    async def chat(request: Request) -> Response:
+        assert client is not None
+        body = await request.body()
+        upstream_request = client.build_request(
+            "POST", UPSTREAM + "/chat/completions", content=body,
+            headers={"content-type": "application/json"},
+        )
+        response = await client.send(upstream_request, stream=True)
+        if b'"stream":true' in body.replace(b" ", b""):
+            async def relay() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in response.aiter_raw():
+                        yield chunk
+                finally:
+                    await response.aclose()
+            return StreamingResponse(relay(), media_type="text/event-stream")
+        content = await response.aread()
+        await response.aclose()
+        return Response(content, response.status_code, media_type="application/json")
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
+
+
+def _aiohttp_floor() -> Starlette:
+    session: aiohttp.ClientSession | None = None
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal session
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000)) as session:
+            yield
+
+    async def chat(request: Request) -> Response:
+        assert session is not None
+        body = await request.body()
+        response = await session.post(
+            UPSTREAM + "/chat/completions", data=body, headers={"content-type": "application/json"}
+        )
+        if b'"stream":true' in body.replace(b" ", b""):
+            async def relay() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in response.content.iter_any():
+                        yield chunk
+                finally:
+                    response.release()
+            return StreamingResponse(relay(), media_type="text/event-stream")
+        content = await response.read()
+        response.release()
+        return Response(content, response.status, media_type="application/json")
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
+
+
+def gateway() -> Starlette:
+    from gate_middleware.demo import create_app
+
+    return create_app()
+
+
+httpx_floor = _httpx_floor()
+aiohttp_floor = _aiohttp_floor()
