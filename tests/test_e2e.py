@@ -170,3 +170,23 @@ def _use_the_cli_server(process: subprocess.Popen[str], port: int) -> None:
             time.sleep(0.1)
     assert answer.model == "openai/gpt-4.1"
     assert answer.choices[0].message.content
+
+
+async def test_a_malformed_event_mid_stream_ends_cleanly(
+    stack: tuple[FakeUpstream, str, list[RequestRecord]],
+) -> None:
+    upstream, url, records = stack
+    upstream.schedule(Fault(malformed=True, after_chunks=3))
+    async with httpx2.AsyncClient(timeout=10) as http:
+        response = await http.post(
+            url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json={"model": "openai/gpt-4.1", "messages": MESSAGES, "stream": True},
+        )
+    events = [e for e in response.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert [("choices" in p) for p in payloads] == [True, True, True, False]
+    assert payloads[-1]["error"]["code"] == "upstream_bad_response"
+    await wait_for(lambda: len(records) == 1)
+    assert records[0].status == 502

@@ -11,13 +11,12 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _body
 from ._known_models import VENDOR_BASE_URLS
@@ -27,6 +26,7 @@ from .api.models import ModelsAPI
 from .auth import Authenticator, StaticKeys, authenticate
 from .errors import (
     ConfigurationError,
+    REQUEST_ID,
     GateError,
     GatewayNotStartedError,
     NotFoundError,
@@ -47,7 +47,6 @@ __all__ = ["Gateway"]
 
 logger = logging.getLogger("gate_middleware")
 
-_REQUEST_ID = "gate.request_id"
 
 
 class Gateway(Starlette):
@@ -107,18 +106,16 @@ class Gateway(Starlette):
                     expose_headers=["x-request-id", "x-gate-provider", "retry-after"],
                 ),
             )
-        super().__init__(
-            debug=debug,
-            routes=routes,
-            middleware=middleware,
-            exception_handlers={
-                GateError: handle_gate_error,
-                HTTPException: _handle_http_exception,
-                Exception: handle_unexpected,
-            },
-            lifespan=self.lifespan,
-        )
+        super().__init__(debug=debug, routes=routes, middleware=middleware, lifespan=self.lifespan)
         self.router.default = self._not_found
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # No ServerErrorMiddleware or ExceptionMiddleware: each would wrap every streamed
+        # chunk's `send` once more. Routes render their own errors (see _RequestContext).
+        app: ASGIApp = self.router
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app
 
     # Lifecycle -------------------------------------------------------------------
 
@@ -159,7 +156,7 @@ class Gateway(Starlette):
         principal = await authenticate(self.authenticator, request.headers)
         headers = request.headers
         return RequestRecord(
-            request_id=request.scope[_REQUEST_ID],
+            request_id=request.scope[REQUEST_ID],
             principal=principal,
             endpoint=endpoint,
             model="",
@@ -229,14 +226,14 @@ class Gateway(Starlette):
         if root and path.startswith(root + root):
             message += f" The base URL may repeat '{root}'."
         error = NotFoundError(message, code="unknown_url")
-        await error_response(error)(scope, receive, send)
+        await error_response(error, scope.get(REQUEST_ID))(scope, receive, send)
 
 
 async def _handle_http_exception(request: Request, exc: Exception) -> Any:
     assert isinstance(exc, HTTPException)
     error = GateError(exc.detail, status=exc.status_code, type="invalid_request_error")
     error.headers.update(exc.headers or {})
-    return error_response(error)
+    return error_response(error, request.scope.get(REQUEST_ID))
 
 
 def _build_providers(
@@ -265,8 +262,19 @@ def _build_providers(
     return providers
 
 
+_HANDLERS = (
+    {GateError: handle_gate_error, HTTPException: _handle_http_exception, Exception: handle_unexpected},
+    {},
+)
+
+
 class _RequestContext:
-    """Gives every response an `x-request-id` and refuses work before start-up."""
+    """Names the request (`x-request-id`, echoed by every response), refuses work before
+    start-up, and has routes render every error OpenAI-shaped.
+
+    It does not wrap `send`: each response sets the header itself, which spares every
+    streamed chunk one more layer.
+    """
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
         self.app = app
@@ -277,13 +285,8 @@ class _RequestContext:
             await self.app(scope, receive, send)
             return
         request_id = _incoming_request_id(scope) or f"req_{uuid.uuid4().hex}"
-        scope[_REQUEST_ID] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["x-request-id"] = request_id
-            await send(message)
-
+        scope[REQUEST_ID] = request_id
+        scope["starlette.exception_handlers"] = _HANDLERS
         if not self.gateway.started:
             logger.error("A request reached the gateway before its lifespan started it.")
             error = GatewayNotStartedError(
@@ -292,9 +295,13 @@ class _RequestContext:
                 "the host's own lifespan.",
                 headers={"x-should-retry": "false"},
             )
-            await error_response(error)(scope, receive, send_with_id)
+            await error_response(error, request_id)(scope, receive, send)
             return
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send)
+        except HTTPException as exc:  # raised by routing itself, e.g. 405
+            request = Request(scope)
+            await (await _handle_http_exception(request, exc))(scope, receive, send)
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -18,6 +18,7 @@ matters most; `type` and `code` follow OpenAI's own values.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 
 from starlette.requests import Request
@@ -155,20 +156,28 @@ def error_body(exc: GateError) -> dict[str, object]:
     }
 
 
-def error_response(exc: GateError) -> Response:
+REQUEST_ID = "gate.request_id"  # the scope key the gateway keeps the request id under
+
+
+def error_response(exc: GateError, request_id: str | None = None) -> Response:
+    headers = exc.headers if request_id is None else {**exc.headers, "x-request-id": request_id}
     return Response(
         json.dumps(error_body(exc)).encode(),
         status_code=exc.status,
-        headers=exc.headers,
+        headers=headers,
         media_type="application/json",
     )
 
 
 async def handle_gate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GateError)
-    return error_response(exc)
+    return error_response(exc, request.scope.get(REQUEST_ID))
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    # ServerErrorMiddleware logs the traceback; the client gets no trace of it.
-    return error_response(GateError("The gateway failed to handle the request.", code="internal_error"))
+    # The traceback goes to the log; the client gets no trace of it.
+    logging.getLogger("gate_middleware").error(
+        "Unexpected error (request %s).", request.scope.get(REQUEST_ID), exc_info=exc
+    )
+    error = GateError("The gateway failed to handle the request.", code="internal_error")
+    return error_response(error, request.scope.get(REQUEST_ID))

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from ..errors import GateError, InvalidRequestError, UpstreamError, error_body
 from ..record import RequestRecord, usage_into
 from ..routing import Deployment, ModelEntry
-from ..sse import DONE, frame
+from ..sse import DONE, EventStreamResponse, frame
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -31,7 +31,7 @@ class ChatAPI:
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
 
-    async def create(self, request: Request) -> Response:
+    async def create(self, request: Request) -> Response | EventStreamResponse:
         gateway = self._gateway
         record = await gateway.begin(request, "chat.completions")
         try:
@@ -63,7 +63,11 @@ class ChatAPI:
         return Response(
             json.dumps(data, separators=(",", ":")).encode(),
             media_type="application/json",
-            headers={**record.headers, "x-gate-provider": deployment.provider_name},
+            headers={
+                **record.headers,
+                "x-gate-provider": deployment.provider_name,
+                "x-request-id": record.request_id,
+            },
         )
 
     async def _stream(
@@ -73,12 +77,12 @@ class ChatAPI:
         entry: ModelEntry,
         deployment: Deployment,
         record: RequestRecord,
-    ) -> Response:
+    ) -> EventStreamResponse:
         chunks = deployment.provider.stream_chat(upstream_body)
         try:
             # The first chunk comes before the response starts, so a refusal still gets
             # its own status (and, later, a retry elsewhere).
-            first: bytes | None = await chunks.__anext__()
+            first: list[bytes] | None = await chunks.__anext__()
         except StopAsyncIteration:
             first = None
         except BaseException:
@@ -91,61 +95,72 @@ class ChatAPI:
         rewrite = entry.id != deployment.model
         gateway = self._gateway
 
-        def relay(payload: bytes) -> bytes | None:
-            if not (payload.startswith(b"{") and payload.endswith(b"}")):
-                raise UpstreamError(
-                    "The upstream sent a malformed stream event.",
-                    status=502,
-                    code="upstream_bad_response",
-                )
-            if _USAGE_FIELD.search(payload):
-                chunk = json.loads(payload)
-                usage_into(record, chunk.get("usage"))
-                if not client_wants_usage and not chunk.get("choices"):
-                    return None  # we asked for usage, the client did not
-            if rewrite:
-                payload = _MODEL_FIELD.sub(model_field, payload, count=1)
-            return frame(payload)
+        def relay(batch: list[bytes]) -> tuple[bytes, UpstreamError | None]:
+            """Frame a batch for the client; stop at a malformed event, keeping what came before."""
+            out = []
+            for payload in batch:
+                if not (payload.startswith(b"{") and payload.endswith(b"}")):
+                    return b"".join(out), _malformed()
+                if _USAGE_FIELD.search(payload):
+                    try:
+                        chunk = json.loads(payload)
+                    except ValueError:
+                        return b"".join(out), _malformed()
+                    usage_into(record, chunk.get("usage"))
+                    if not client_wants_usage and not chunk.get("choices"):
+                        continue  # we asked for usage, the client did not
+                if rewrite:
+                    payload = _MODEL_FIELD.sub(model_field, payload, count=1)
+                out.append(frame(payload))
+            return b"".join(out), None
 
         async def events() -> AsyncIterator[bytes]:
-            error: GateError | None = None
-            disconnected = True  # until the loop ends by itself
+            error: UpstreamError | None = None
+            disconnected = True  # until the stream ends by itself
             try:
-                if first is not None:
-                    if (out := relay(first)) is not None:
-                        yield out
-                    async for payload in chunks:
-                        if (out := relay(payload)) is not None:
+                try:
+                    if first is not None:
+                        out, error = relay(first)
+                        if out:
                             yield out
+                        if error is None:
+                            async for batch in chunks:
+                                out, error = relay(batch)
+                                if out:
+                                    yield out
+                                if error is not None:
+                                    break
+                except UpstreamError as exc:
+                    error = exc
+                if error is not None:
+                    # After the first byte no status can change: the stream ends with
+                    # an OpenAI-shaped error event, then [DONE].
+                    yield frame(json.dumps(error_body(error)).encode())
+                yield DONE
                 disconnected = False
-            except (UpstreamError, ValueError) as exc:
-                # After the first byte there is no status left to change: the stream
-                # ends with an OpenAI-shaped error event, then [DONE].
-                error = (
-                    exc
-                    if isinstance(exc, UpstreamError)
-                    else UpstreamError("The upstream sent a malformed stream event.")
-                )
-                disconnected = False
-                yield frame(json.dumps(error_body(error)).encode())
             finally:
                 with anyio.CancelScope(shield=True):
                     await _close(chunks)
                     await gateway.finish(record, error, disconnected=disconnected)
-            yield DONE
 
-        return StreamingResponse(
+        return EventStreamResponse(
             events(),
-            media_type="text/event-stream",
             headers={
                 **record.headers,
                 **_STREAM_HEADERS,
                 "x-gate-provider": deployment.provider_name,
+                "x-request-id": record.request_id,
             },
         )
 
 
-async def _close(chunks: AsyncIterator[bytes]) -> None:
+def _malformed() -> UpstreamError:
+    return UpstreamError(
+        "The upstream sent a malformed stream event.", status=502, code="upstream_bad_response"
+    )
+
+
+async def _close(chunks: AsyncIterator[list[bytes]]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()

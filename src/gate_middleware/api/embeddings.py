@@ -49,5 +49,9 @@ class EmbeddingsAPI:
         return Response(
             json.dumps(data, separators=(",", ":")).encode(),
             media_type="application/json",
-            headers={**record.headers, "x-gate-provider": deployment.provider_name},
+            headers={
+                **record.headers,
+                "x-gate-provider": deployment.provider_name,
+                "x-request-id": record.request_id,
+            },
         )

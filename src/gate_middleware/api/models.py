@@ -18,11 +18,13 @@ class ModelsAPI:
         self._gateway = gateway
 
     async def list(self, request: Request) -> Response:
-        await self._gateway.begin(request, "models")
+        record = await self._gateway.begin(request, "models")
         cards = [entry.card() for entry in self._gateway.catalogue.entries()]
-        return JSONResponse({"object": "list", "data": cards})
+        return JSONResponse(
+            {"object": "list", "data": cards}, headers={"x-request-id": record.request_id}
+        )
 
     async def retrieve(self, request: Request) -> Response:
-        await self._gateway.begin(request, "models")
+        record = await self._gateway.begin(request, "models")
         entry = self._gateway.catalogue.resolve(request.path_params["model_id"])
-        return JSONResponse(entry.card())
+        return JSONResponse(entry.card(), headers={"x-request-id": record.request_id})

@@ -95,6 +95,7 @@ class AiohttpTransport:
         self._connect_timeout = connect_timeout
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def startup(self) -> None:
         if self._session is None:
@@ -114,7 +115,11 @@ class AiohttpTransport:
     ) -> TransportResponse:
         if self._session is None:
             raise GatewayNotStartedError("The upstream pool is closed: start the gateway first.")
-        timeout = aiohttp.ClientTimeout(sock_connect=self._connect_timeout, sock_read=read_timeout)
+        timeout = self._timeouts.get(read_timeout)
+        if timeout is None:
+            timeout = self._timeouts[read_timeout] = aiohttp.ClientTimeout(
+                sock_connect=self._connect_timeout, sock_read=read_timeout
+            )
         try:
             response = await self._session.request(
                 method, url, data=body, headers=headers, timeout=timeout

@@ -39,8 +39,12 @@ class Provider(Protocol):
     async def chat(self, body: dict[str, Any]) -> Reply:
         """A whole chat completion. `body["model"]` is the upstream's name."""
 
-    def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        """Stream a chat completion: one OpenAI chunk (JSON bytes) per item, no `[DONE]`."""
+    def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        """Stream a chat completion as batches of OpenAI chunks (JSON bytes), no `[DONE]`.
+
+        A batch is what arrived together (one network read); the gateway writes each
+        batch to the client at once. A provider may just as well yield one-chunk lists.
+        """
 
     async def embeddings(self, body: dict[str, Any]) -> Reply:
         """Embeddings, OpenAI shape."""

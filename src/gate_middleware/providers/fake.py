@@ -150,12 +150,14 @@ class FakeProvider:
             await asyncio.sleep(self.latency)
         return Reply(fake_completion(body))
 
-    async def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
         body = {**body, "stream_options": {"include_usage": True}}
+        if not self.latency:
+            yield list(fake_chunks(body))
+            return
         for chunk in fake_chunks(body):
-            if self.latency:
-                await asyncio.sleep(self.latency)
-            yield chunk
+            await asyncio.sleep(self.latency)
+            yield [chunk]
 
     async def embeddings(self, body: dict[str, Any]) -> Reply:
         return Reply(fake_embeddings(body))

@@ -75,7 +75,7 @@ class OpenAICompatible:
         data = (await _whole(response)).data.get("data")
         return data if isinstance(data, list) else []
 
-    async def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
         body = {**body, "stream": True}
         if self._stream_usage:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -89,10 +89,12 @@ class OpenAICompatible:
         try:
             if response.status != 200:
                 raise upstream_error(response.status, await response.read(), response.headers)
-            async for data in iter_sse_data(response.iter_chunks()):
-                if data == b"[DONE]":
+            async for batch in iter_sse_data(response.iter_chunks()):
+                if batch[-1] == b"[DONE]":
+                    if len(batch) > 1:
+                        yield batch[:-1]
                     return
-                yield data
+                yield batch
             raise UpstreamError(
                 "The upstream ended the stream before it was complete.",
                 status=502,
