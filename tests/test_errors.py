@@ -4,7 +4,7 @@ import httpx2
 import openai
 import pytest
 
-from gate_middleware import RequestRecord
+from gate_middleware import Gateway, RequestRecord
 from gate_middleware.testing import FakeUpstream, Fault
 
 from .conftest import KEY, make_gateway, mounted, sdk
@@ -138,7 +138,7 @@ async def test_unknown_paths(http: httpx2.AsyncClient, gateway: object) -> None:
     ],
 )
 async def test_upstream_errors_are_relayed_openai_shaped(
-    client: openai.AsyncOpenAI,
+    gateway: Gateway,
     upstream: FakeUpstream,
     records: list[RequestRecord],
     fault: Fault,
@@ -146,6 +146,7 @@ async def test_upstream_errors_are_relayed_openai_shaped(
     error_class: type[openai.APIStatusError],
 ) -> None:
     upstream.schedule(fault)
+    client = sdk(mounted(gateway), default_headers={"x-gate-max-retries": "0"})
     with pytest.raises(error_class) as caught:
         await client.chat.completions.create(model="openai/gpt-4.1", messages=MESSAGES)
     error = caught.value
@@ -167,7 +168,7 @@ async def test_upstream_errors_are_relayed_openai_shaped(
 async def test_stream_refused_before_first_byte_keeps_its_status(
     http: httpx2.AsyncClient, upstream: FakeUpstream
 ) -> None:
-    upstream.schedule(Fault(status=503))
+    upstream.schedule(Fault(status=503), Fault(status=503), Fault(status=503))
     response = await http.post(
         "/v1/chat/completions",
         json={"model": "openai/gpt-4.1", "messages": MESSAGES, "stream": True},

@@ -46,6 +46,9 @@ def _type_error(param: str, expected: str, value: Any) -> InvalidRequestError:
 
 def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
+    models = body.get("models")
+    if model is None and isinstance(models, list) and models and isinstance(models[0], str):
+        return models[0]  # OpenRouter's convention: `models` alone names the first choice
     if model is None:
         raise InvalidRequestError("You must provide a model parameter.", param="model")
     if not isinstance(model, str) or not model:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 import httpx
 from starlette.applications import Starlette
@@ -29,6 +30,7 @@ from .errors import (
     REQUEST_ID,
     GateError,
     GatewayNotStartedError,
+    InvalidRequestError,
     NotFoundError,
     error_response,
     handle_gate_error,
@@ -38,14 +40,19 @@ from .providers.base import Provider
 from .providers.fake import FakeProvider
 from .providers.openai import OpenAICompatible
 from .guard import Guard
+from .health import HealthStore, health_from_url
+from .retry import Candidate, Outcome, RetryPolicy, plan, run
 from .record import RecordHook, RequestRecord
 from .tokens import estimate_prompt_tokens
-from .routing import Catalogue
+from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
 
 __all__ = ["Gateway"]
 
 logger = logging.getLogger("gate_middleware")
+
+T = TypeVar("T")
+_ROUTING_FIELDS = frozenset({"models", "provider"})  # ours (OpenRouter's), not the upstream's
 
 
 
@@ -63,6 +70,7 @@ class Gateway(Starlette):
         providers: Mapping[str, Provider] | None = None,
         authenticator: Authenticator | None = None,
         http_client: httpx.AsyncClient | None = None,
+        health: HealthStore | None = None,
         guards: Iterable[Guard] = (),
         record_hooks: Iterable[RecordHook] = (),
         debug: bool = False,
@@ -82,6 +90,19 @@ class Gateway(Starlette):
                 )
             authenticator = StaticKeys(keys)
         self.authenticator = authenticator
+        self.health = health or health_from_url(
+            self.settings.health_storage,
+            failures=self.settings.health_failures,
+            window=self.settings.health_window,
+            cooldown=self.settings.health_cooldown,
+        )
+        self.retry_policy = RetryPolicy(
+            max_retries=self.settings.max_retries,
+            deadline=self.settings.retry_deadline,
+            backoff=self.settings.retry_backoff,
+            backoff_max=self.settings.retry_backoff_max,
+            retry_after_cap=self.settings.retry_after_cap,
+        )
         self.guards = list(guards)
         self.record_hooks = list(record_hooks)
         self._max_body = self.settings.max_body_bytes
@@ -123,16 +144,20 @@ class Gateway(Starlette):
     def started(self) -> bool:
         return self._users > 0
 
+    def _resources(self) -> list[Any]:
+        """What the lifespan opens, in order (and closes in reverse)."""
+        return [self.health, *self.providers.values()]
+
     async def __aenter__(self) -> Gateway:
         if self._users == 0:
-            opened: list[Provider] = []
+            opened: list[Any] = []
             try:
-                for provider in self.providers.values():
-                    await provider.startup()
-                    opened.append(provider)
+                for resource in self._resources():
+                    await resource.startup()
+                    opened.append(resource)
             except BaseException:
-                for provider in opened:
-                    await provider.aclose()
+                for resource in reversed(opened):
+                    await resource.aclose()
                 raise
         self._users += 1
         return self
@@ -140,8 +165,8 @@ class Gateway(Starlette):
     async def __aexit__(self, *exc_info: object) -> None:
         self._users -= 1
         if self._users == 0:
-            for provider in self.providers.values():
-                await provider.aclose()
+            for resource in reversed(self._resources()):
+                await resource.aclose()
 
     @asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
@@ -160,7 +185,7 @@ class Gateway(Starlette):
             principal=principal,
             endpoint=endpoint,
             model="",
-            started=time.perf_counter(),
+            started=time.monotonic(),
             app=headers.get("x-title") or headers.get("http-referer"),
         )
 
@@ -185,7 +210,7 @@ class Gateway(Starlette):
         self, record: RequestRecord, error: GateError | None = None, *, disconnected: bool = False
     ) -> None:
         """Close the record: settle the guards (once) and hand it to the hooks."""
-        record.latency_ms = (time.perf_counter() - record.started) * 1000
+        record.latency_ms = (time.monotonic() - record.started) * 1000
         if error is not None:
             record.status, record.error_code = error.status, error.code
             error.headers.update(record.headers)
@@ -203,6 +228,59 @@ class Gateway(Starlette):
                 hook(record)
             except Exception:
                 logger.exception("A record hook failed (request %s).", record.request_id)
+
+    async def call(
+        self,
+        request: Request,
+        record: RequestRecord,
+        entry: ModelEntry,
+        body: dict[str, Any],
+        call: Callable[[Candidate, dict[str, Any]], Awaitable[T]],
+    ) -> Outcome[T]:
+        """Call the upstream with retries and fallbacks; fill the record with who answered."""
+        candidates = plan(self.catalogue, entry, body)
+        upstream_body = {k: v for k, v in body.items() if k not in _ROUTING_FIELDS}
+
+        async def attempt(candidate: Candidate) -> T:
+            record.model_id = candidate.entry.id
+            record.provider = candidate.deployment.provider_name
+            record.upstream_model = candidate.deployment.model
+            record.attempts += 1
+            return await call(candidate, {**upstream_body, "model": candidate.deployment.model})
+
+        return await run(
+            candidates,
+            attempt,
+            policy=self._policy(request, entry),
+            health=self.health,
+            catalogue=self.catalogue,
+            started=record.started,
+        )
+
+    def _policy(self, request: Request, entry: ModelEntry) -> RetryPolicy:
+        policy = self.retry_policy
+        if entry.max_retries is not None:
+            policy = replace(policy, max_retries=entry.max_retries)
+        headers = request.headers
+        if (value := headers.get("x-gate-max-retries")) is not None:
+            if not value.isdigit() or int(value) > 10:
+                raise InvalidRequestError(
+                    "x-gate-max-retries must be an integer from 0 to 10.",
+                    param="x-gate-max-retries",
+                )
+            policy = replace(policy, max_retries=int(value))
+        if (value := headers.get("x-gate-deadline")) is not None:
+            try:
+                deadline = float(value)
+            except ValueError:
+                deadline = -1.0
+            if not 0 < deadline <= 600:
+                raise InvalidRequestError(
+                    "x-gate-deadline must be a number of seconds from 0 to 600.",
+                    param="x-gate-deadline",
+                )
+            policy = replace(policy, deadline=deadline)
+        return policy
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         return await _body.read_json(request, self._max_body)

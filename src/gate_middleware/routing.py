@@ -28,6 +28,11 @@ class Deployment:
     model: str
     weight: float = 1.0
 
+    @property
+    def key(self) -> str:
+        """Names the deployment in health state and logs."""
+        return f"{self.provider_name}:{self.model}"
+
 
 @dataclass(frozen=True, slots=True)
 class ModelEntry:
@@ -39,12 +44,20 @@ class ModelEntry:
     input_price: float | None = None
     output_price: float | None = None
     cached_input_price: float | None = None
+    fallbacks: tuple[str, ...] = ()
+    context_fallback: str | None = None
+    max_retries: int | None = None
 
-    def pick(self) -> Deployment:
+    def ordered(self) -> list[Deployment]:
+        """Deployments in a weighted random order: the first is drawn by weight, and so on."""
         if len(self.deployments) == 1:
-            return self.deployments[0]
-        weights = [d.weight for d in self.deployments]
-        return random.choices(self.deployments, weights)[0]
+            return [self.deployments[0]]
+        pool, order = list(self.deployments), []
+        while pool:
+            chosen = random.choices(pool, [d.weight for d in pool])[0]
+            pool.remove(chosen)
+            order.append(chosen)
+        return order
 
     def card(self) -> dict[str, Any]:
         """The entry in `GET /models`: OpenAI's fields plus what a buyer needs."""
@@ -122,10 +135,22 @@ class Catalogue:
                 input_price=_first(override.input_price, inp),
                 output_price=_first(override.output_price, out),
                 cached_input_price=_first(override.cached_input_price, cached),
+                fallbacks=tuple(override.fallbacks),
+                context_fallback=override.context_fallback,
+                max_retries=override.max_retries,
             )
         aliases = _bare_names(entries)
         aliases.update(settings.aliases)
-        return cls(entries, providers, aliases)
+        catalogue = cls(entries, providers, aliases)
+        for entry in entries.values():
+            for name in (*entry.fallbacks, *filter(None, [entry.context_fallback])):
+                try:
+                    catalogue.resolve(name)
+                except NotFoundError:
+                    raise ConfigurationError(
+                        f"Model {entry.id!r} falls back to {name!r}, which is not served."
+                    ) from None
+        return catalogue
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())

@@ -53,6 +53,11 @@ class ModelSettings(BaseModel):
     output_price: float | None = None
     cached_input_price: float | None = None
     kind: Literal["chat", "embedding"] = "chat"
+    fallbacks: list[str] = Field([], description="Models to try, in order, when this one fails.")
+    context_fallback: str | None = Field(
+        None, description="A model with a longer context, tried when a prompt is too long."
+    )
+    max_retries: int | None = Field(None, ge=0, description="Overrides GATE_MAX_RETRIES.")
 
 
 class GateSettings(BaseSettings):
@@ -76,6 +81,27 @@ class GateSettings(BaseSettings):
     connect_timeout: float = Field(10.0, gt=0)
     read_timeout: float = Field(60.0, gt=0, description="Whole answer, non-streaming.")
     stream_timeout: float = Field(120.0, gt=0, description="Between two stream events.")
+    max_retries: int = Field(
+        2, ge=0, description="Further attempts after the first, across deployments."
+    )
+    retry_deadline: float = Field(
+        60.0, gt=0, description="Seconds from arrival after which no new attempt starts."
+    )
+    retry_backoff: float = Field(0.25, ge=0, description="First backoff step in seconds.")
+    retry_backoff_max: float = Field(8.0, ge=0, description="Longest backoff step.")
+    retry_after_cap: float = Field(
+        10.0, ge=0, description="Longest upstream retry-after the gateway will sleep for."
+    )
+    health_failures: int = Field(
+        3, ge=1, description="Failures within the window that cool a deployment down."
+    )
+    health_window: float = Field(30.0, gt=0, description="Seconds failures are counted over.")
+    health_cooldown: float = Field(
+        30.0, gt=0, description="Seconds a failing deployment is skipped before a trial."
+    )
+    health_storage: str = Field(
+        "memory://", description="memory:// (one process) or redis://host:port/db (shared)."
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         [], description="Browser origins allowed to call the gateway ('*' for any)."
     )

@@ -14,7 +14,8 @@ from starlette.responses import Response
 
 from ..errors import GateError, InvalidRequestError, UpstreamError, error_body
 from ..record import RequestRecord, usage_into
-from ..routing import Deployment, ModelEntry
+from ..providers.base import Reply
+from ..retry import Candidate, Outcome
 from ..sse import DONE, EventStreamResponse, frame
 
 if TYPE_CHECKING:
@@ -45,50 +46,35 @@ class ChatAPI:
                     param="model",
                     code="model_not_supported",
                 )
-            deployment = entry.pick()
-            record.model_id, record.provider = entry.id, deployment.provider_name
-            record.upstream_model = deployment.model
             await gateway.admit(record, body)
-            upstream_body = {**body, "model": deployment.model}
             if stream:
-                return await self._stream(body, upstream_body, entry, deployment, record)
-            reply = await deployment.provider.chat(upstream_body)
+                opened = await gateway.call(request, record, entry, body, _open_stream)
+            else:
+                answered = await gateway.call(request, record, entry, body, _whole)
         except GateError as exc:
             await gateway.finish(record, exc)
             raise
-        data = reply.data
-        data["model"] = entry.id
+        if stream:
+            return self._stream(body, opened, record)
+        data = answered.value.data
+        data["model"] = answered.candidate.entry.id
         usage_into(record, data.get("usage"))
         await gateway.finish(record)
         return Response(
             json.dumps(data, separators=(",", ":")).encode(),
             media_type="application/json",
-            headers={
-                **record.headers,
-                "x-gate-provider": deployment.provider_name,
-                "x-request-id": record.request_id,
-            },
+            headers=_headers(record, answered),
         )
 
-    async def _stream(
+    def _stream(
         self,
         body: dict[str, Any],
-        upstream_body: dict[str, Any],
-        entry: ModelEntry,
-        deployment: Deployment,
+        opened: Outcome[tuple[AsyncIterator[list[bytes]], list[bytes] | None]],
         record: RequestRecord,
     ) -> EventStreamResponse:
-        chunks = deployment.provider.stream_chat(upstream_body)
-        try:
-            # The first chunk comes before the response starts, so a refusal still gets
-            # its own status (and, later, a retry elsewhere).
-            first: list[bytes] | None = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            await _close(chunks)
-            raise
-        record.ttft_ms = (time.perf_counter() - record.started) * 1000
+        chunks, first = opened.value
+        entry, deployment = opened.candidate.entry, opened.candidate.deployment
+        record.ttft_ms = (time.monotonic() - record.started) * 1000
         options = body.get("stream_options")
         client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         model_field = b'"model":' + json.dumps(entry.id).encode()
@@ -143,15 +129,35 @@ class ChatAPI:
                     await _close(chunks)
                     await gateway.finish(record, error, disconnected=disconnected)
 
-        return EventStreamResponse(
-            events(),
-            headers={
-                **record.headers,
-                **_STREAM_HEADERS,
-                "x-gate-provider": deployment.provider_name,
-                "x-request-id": record.request_id,
-            },
-        )
+        return EventStreamResponse(events(), headers={**_headers(record, opened), **_STREAM_HEADERS})
+
+
+def _headers(record: RequestRecord, outcome: Outcome[Any]) -> dict[str, str]:
+    return {
+        **record.headers,
+        "x-gate-provider": outcome.candidate.deployment.provider_name,
+        "x-gate-attempts": str(outcome.attempts),
+        "x-request-id": record.request_id,
+    }
+
+
+async def _whole(candidate: Candidate, body: dict[str, Any]) -> Reply:
+    return await candidate.deployment.provider.chat(body)
+
+
+async def _open_stream(
+    candidate: Candidate, body: dict[str, Any]
+) -> tuple[AsyncIterator[list[bytes]], list[bytes] | None]:
+    """Open the stream and wait for its first batch: until then a failure can still be
+    retried elsewhere, or answered with its own status."""
+    chunks = candidate.deployment.provider.stream_chat(body)
+    try:
+        return chunks, await chunks.__anext__()
+    except StopAsyncIteration:
+        return chunks, None
+    except BaseException:
+        await _close(chunks)
+        raise
 
 
 def _malformed() -> UpstreamError:

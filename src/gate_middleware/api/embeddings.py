@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import GateError, InvalidRequestError
+from ..providers.base import Reply
 from ..record import usage_into
+from ..retry import Candidate
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -34,16 +36,13 @@ class EmbeddingsAPI:
                     param="model",
                     code="model_not_supported",
                 )
-            deployment = entry.pick()
-            record.model_id, record.provider = entry.id, deployment.provider_name
-            record.upstream_model = deployment.model
             await gateway.admit(record, body)
-            reply = await deployment.provider.embeddings({**body, "model": deployment.model})
+            answered = await gateway.call(request, record, entry, body, _embed)
         except GateError as exc:
             await gateway.finish(record, exc)
             raise
-        data = reply.data
-        data["model"] = entry.id
+        data = answered.value.data
+        data["model"] = answered.candidate.entry.id
         usage_into(record, data.get("usage"))
         await gateway.finish(record)
         return Response(
@@ -51,7 +50,12 @@ class EmbeddingsAPI:
             media_type="application/json",
             headers={
                 **record.headers,
-                "x-gate-provider": deployment.provider_name,
+                "x-gate-provider": answered.candidate.deployment.provider_name,
+                "x-gate-attempts": str(answered.attempts),
                 "x-request-id": record.request_id,
             },
         )
+
+
+async def _embed(candidate: Candidate, body: dict[str, Any]) -> Reply:
+    return await candidate.deployment.provider.embeddings(body)
