@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -128,3 +129,59 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+def _service_or_skip(name: str, url: str, probe: Any) -> str:
+    """The service's URL, or a skip (a failure under CI=true) when it is not reachable."""
+    try:
+        probe()
+    except Exception as exc:
+        message = f"{name} is not reachable at {url}: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (CI=true: services are required)")
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = os.environ.get("GATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+    def probe() -> None:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+
+    return _service_or_skip("Redis", url, probe)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    url = os.environ.get("GATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+    def probe() -> None:
+        import asyncpg
+
+        async def connect() -> None:
+            connection = await asyncpg.connect(url, timeout=2)
+            await connection.close()
+
+        asyncio.run(connect())
+
+    return _service_or_skip("PostgreSQL", url, probe)
+
+
+def hosts(apps: dict[str, ASGIApp]) -> ASGIApp:
+    """One ASGI app that sends each request to the app named by its host."""
+
+    async def dispatch(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return
+        host = dict(scope["headers"]).get(b"host", b"").decode().split(":")[0]
+        await apps[host](scope, receive, send)
+
+    return dispatch

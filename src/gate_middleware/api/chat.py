@@ -85,7 +85,7 @@ class ChatAPI:
             """Frame a batch for the client; stop at a malformed event, keeping what came before."""
             out = []
             for payload in batch:
-                if not (payload.startswith(b"{") and payload.endswith(b"}")):
+                if not _looks_whole(payload):
                     return b"".join(out), _malformed()
                 if _USAGE_FIELD.search(payload):
                     try:
@@ -152,12 +152,20 @@ async def _open_stream(
     retried elsewhere, or answered with its own status."""
     chunks = candidate.deployment.provider.stream_chat(body)
     try:
-        return chunks, await chunks.__anext__()
+        first = await chunks.__anext__()
+        if not all(_looks_whole(payload) for payload in first):
+            raise _malformed()  # nothing reached the client yet: still retryable
+        return chunks, first
     except StopAsyncIteration:
         return chunks, None
     except BaseException:
         await _close(chunks)
         raise
+
+
+def _looks_whole(payload: bytes) -> bool:
+    """A cheap check that an event is one JSON object, not a torn or garbled one."""
+    return payload.startswith(b"{") and payload.endswith(b"}")
 
 
 def _malformed() -> UpstreamError:
