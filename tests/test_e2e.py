@@ -176,6 +176,7 @@ async def test_a_malformed_event_mid_stream_ends_cleanly(
     stack: tuple[FakeUpstream, str, list[RequestRecord]],
 ) -> None:
     upstream, url, records = stack
+    upstream.chunk_latency = 0.02  # so the bad event arrives after the first bytes went out
     upstream.schedule(Fault(malformed=True, after_chunks=3))
     async with httpx2.AsyncClient(timeout=10) as http:
         response = await http.post(
