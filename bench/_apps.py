@@ -18,11 +18,24 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from gate_middleware.testing import FakeUpstream
+from gate_middleware.testing import FakeUpstream, Fault
 
 UPSTREAM = os.environ.get("BENCH_UPSTREAM", "http://127.0.0.1:9100/v1")
 
-upstream = FakeUpstream()
+# bench/chaos.py: the overload a vendor shows on a bad day, struck at random.
+CHAOS_FAULTS = [
+    Fault(status=429, retry_after=1),
+    Fault(status=503),
+    Fault(drop="before"),
+    Fault(drop="mid", after_chunks=3),
+]
+
+upstream = FakeUpstream(
+    fault_rate=float(os.environ.get("BENCH_FAULT_RATE", "0")),
+    random_faults=CHAOS_FAULTS,
+    seed=int(os.environ.get("BENCH_SEED", "1")),
+    chunk_latency=float(os.environ.get("BENCH_CHUNK_LATENCY", "0")),
+)
 
 
 def _httpx_floor() -> Starlette:

@@ -14,22 +14,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _servers import free_port, serve, stop
+
 KEY = "sk-bench-0123456789"
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ensure_wrk() -> str:
@@ -40,25 +33,6 @@ def ensure_wrk() -> str:
     subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
     subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, capture_output=True)
     return shutil.which("wrk") or sys.exit("wrk is not available")
-
-
-def serve(target: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    args = [
-        sys.executable, "-m", "uvicorn", target, "--port", str(port), "--loop", "uvloop",
-        "--http", "httptools", "--log-level", "warning", "--no-access-log",
-    ]
-    if target.endswith("gateway"):
-        args.append("--factory")
-    process = subprocess.Popen(args, cwd=HERE, env={**os.environ, **env})
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    sys.exit(f"{target} did not start")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -110,12 +84,12 @@ def main() -> None:
         "GATE_API_KEYS": KEY,
         "GATE_PROVIDERS": json.dumps({"openai": {"base_url": upstream_url, "api_key": "up"}}),
     }
-    processes = [serve("_apps:upstream", up_port, env)]
+    processes = [serve("upstream", up_port, env)]
     targets = {}
     try:
         for name in args.servers.split(","):
             port = free_port()
-            processes.append(serve(name if ":" in name else f"_apps:{name}", port, env))
+            processes.append(serve(name, port, env))
             targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", processes[-1].pid)
         messages = [{"role": "user", "content": "Benchmark me."}]
         cases = {
@@ -142,10 +116,7 @@ def main() -> None:
                     f"(target >= 70%), {gate['cpu_ms'] / floor['cpu_ms']:.2f}x the CPU per request"
                 )
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(10)
+        stop(processes)
 
 
 if __name__ == "__main__":
