@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from ..app import Gateway
 
 __all__ = ["ChatAPI"]
+
+logger = logging.getLogger("gate_middleware")
 
 _MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 _USAGE_FIELD = re.compile(rb'"usage"\s*:\s*\{')
@@ -118,6 +121,10 @@ class ChatAPI:
                                     break
                 except UpstreamError as exc:
                     error = exc
+                except Exception:
+                    # Whatever broke, the client still gets a well-formed end of stream.
+                    logger.exception("The stream of request %s failed.", record.request_id)
+                    error = UpstreamError("The upstream stream failed.", code="stream_failed")
                 if error is not None:
                     # After the first byte no status can change: the stream ends with
                     # an OpenAI-shaped error event, then [DONE].
