@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .app import Gateway
 from .auth import Authenticator, Principal, StaticKeys
+from .client import GateClient
 from .errors import (
     AuthenticationError,
     ConfigurationError,
@@ -16,6 +17,10 @@ from .errors import (
     RateLimitError,
     UpstreamError,
 )
+from .errors import handle_gate_error as gate_exception_handler
+from .guard import Guard
+from .health import HealthStore, MemoryHealth, RedisHealth
+from .middleware import GateContext, GateDependency, GateMiddleware
 from .providers.base import Provider, Reply
 from .providers.fake import FakeProvider
 from .providers.openai import OpenAICompatible
@@ -33,11 +38,18 @@ __all__ = [
     "Deployment",
     "DeploymentSettings",
     "FakeProvider",
+    "GateClient",
+    "GateContext",
+    "GateDependency",
     "GateError",
+    "GateMiddleware",
     "GateSettings",
     "Gateway",
     "GatewayNotStartedError",
+    "Guard",
+    "HealthStore",
     "InvalidRequestError",
+    "MemoryHealth",
     "ModelEntry",
     "ModelSettings",
     "NotFoundError",
@@ -49,9 +61,11 @@ __all__ = [
     "ProviderSettings",
     "RateLimitError",
     "RecordHook",
+    "RedisHealth",
     "Reply",
     "RequestRecord",
     "StaticKeys",
     "UpstreamError",
     "__version__",
+    "gate_exception_handler",
 ]

@@ -24,7 +24,7 @@ from ._known_models import VENDOR_BASE_URLS
 from .api.chat import ChatAPI
 from .api.embeddings import EmbeddingsAPI
 from .api.models import ModelsAPI
-from .auth import Authenticator, StaticKeys, authenticate
+from .auth import PARENT, PRINCIPAL, ROUTE, Authenticator, StaticKeys, authenticate
 from .errors import (
     ConfigurationError,
     REQUEST_ID,
@@ -178,15 +178,19 @@ class Gateway(Starlette):
 
     async def begin(self, request: Request, endpoint: str) -> RequestRecord:
         """Authenticate the caller and open the request's record."""
-        principal = await authenticate(self.authenticator, request.headers)
+        scope = request.scope
+        # A call from a host route (GateMiddleware's client) arrives authenticated.
+        principal = scope.get(PRINCIPAL) or await authenticate(self.authenticator, request.headers)
         headers = request.headers
         return RequestRecord(
-            request_id=request.scope[REQUEST_ID],
+            request_id=scope[REQUEST_ID],
             principal=principal,
             endpoint=endpoint,
             model="",
             started=time.monotonic(),
             app=headers.get("x-title") or headers.get("http-referer"),
+            route=scope.get(ROUTE),
+            parent_id=scope.get(PARENT),
         )
 
     async def admit(self, record: RequestRecord, body: dict[str, Any]) -> None:

@@ -13,6 +13,11 @@ from .errors import AuthenticationError
 
 __all__ = ["Authenticator", "Principal", "StaticKeys", "bearer_key", "key_hint"]
 
+# Scope keys set only in-process (by GateMiddleware's client), never from a request.
+PRINCIPAL = "gate.principal"
+ROUTE = "gate.route"
+PARENT = "gate.parent"
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:

@@ -18,7 +18,9 @@ class RequestRecord:
 
     `headers` are added to the response (guards put rate-limit headers there);
     `estimated_prompt_tokens` and `max_completion_tokens` are known before the call,
-    the token counts after it.
+    the token counts after it. `route` is the host route that made the call (through
+    `GateMiddleware`), `parent_id` that route's own request id. `stream_chunks` counts
+    the chunks relayed, an estimate of tokens produced when a stream is cut short.
     """
 
     request_id: str
@@ -40,6 +42,9 @@ class RequestRecord:
     latency_ms: float | None = None
     ttft_ms: float | None = None
     app: str | None = None
+    route: str | None = None
+    parent_id: str | None = None
+    stream_chunks: int = 0
     estimated_prompt_tokens: int = 0
     max_completion_tokens: int | None = None
     attempts: int = 0

@@ -101,6 +101,7 @@ class ChatAPI:
                 if rewrite:
                     payload = _MODEL_FIELD.sub(model_field, payload, count=1)
                 out.append(frame(payload))
+                record.stream_chunks += 1
             return b"".join(out), None
 
         async def events() -> AsyncIterator[bytes]:

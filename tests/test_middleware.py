@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from types import ModuleType
+
+import httpx2
+import pytest
+from fastapi import BackgroundTasks, FastAPI, Request
+from starlette.testclient import TestClient
+
+from gate_middleware import (
+    GateError,
+    GateMiddleware,
+    Gateway,
+    GateSettings,
+    RequestRecord,
+    gate_exception_handler,
+)
+
+from .conftest import KEY, LiveServer
+from .test_examples import load
+
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+class Budget:
+    """A guard that admits `left` requests, then refuses with 402 (like a spent quota)."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self.settled: list[RequestRecord] = []
+
+    async def admit(self, record: RequestRecord) -> None:
+        if self.left <= 0:
+            raise GateError("Out of credit.", status=402, type="insufficient_quota",
+                            code="insufficient_quota")
+        self.left -= 1
+
+    async def settle(self, record: RequestRecord) -> None:
+        self.settled.append(record)
+
+
+@pytest.fixture
+def example(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ModuleType, str, list[RequestRecord]]]:
+    monkeypatch.setenv("GATE_FAKE_LATENCY", "0.02")
+    module = load("examples.host_routes", monkeypatch)
+    records: list[RequestRecord] = []
+    module.gateway.record_hooks.append(records.append)
+    with LiveServer(module.app) as server:
+        yield module, server.url, records
+
+
+async def test_unauthenticated_calls_are_refused(
+    example: tuple[ModuleType, str, list[RequestRecord]],
+) -> None:
+    _, url, records = example
+    async with httpx2.AsyncClient() as http:
+        missing = await http.post(url + "/summarize", json={"text": "hello"})
+        wrong = await http.post(
+            url + "/summarize", json={"text": "hello"}, headers={"authorization": "Bearer sk-nope-12345"}
+        )
+    for response in (missing, wrong):
+        assert response.status_code == 401
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert response.headers["x-request-id"]
+    assert all(r.endpoint != "chat.completions" for r in records)
+
+
+async def test_a_host_route_is_metered_as_its_caller(
+    example: tuple[ModuleType, str, list[RequestRecord]],
+) -> None:
+    _, url, records = example
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(url + "/summarize", json={"text": "A long text."}, headers=AUTH)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["summary"] and body["usage"]["completion_tokens"] == 16
+    route = next(r for r in records if r.endpoint == "route")
+    call = next(r for r in records if r.endpoint == "chat.completions")
+    assert call.route == "/summarize" and call.parent_id == route.request_id
+    assert call.principal == route.principal and call.key_hint == KEY[:8] + "..."
+    assert call.completion_tokens == 16 and call.model_id == "openai/gpt-4.1-mini"
+    assert route.status == 200 and route.request_id == response.headers["x-request-id"]
+
+
+async def test_streaming_through_a_host_route(
+    example: tuple[ModuleType, str, list[RequestRecord]],
+) -> None:
+    _, url, records = example
+    arrivals, text = [], ""
+    async with httpx2.AsyncClient(timeout=10) as http, http.stream(
+        "POST", url + "/summarize/stream", json={"text": "Stream it."}, headers=AUTH
+    ) as response:
+        async for piece in response.aiter_text():
+            arrivals.append(time.monotonic())
+            text += piece
+    assert response.status_code == 200
+    assert len(text.split()) == 16
+    assert arrivals[-1] - arrivals[0] > 0.15  # 16 words 20 ms apart: not buffered
+    call = next(r for r in records if r.endpoint == "chat.completions")
+    assert call.stream and call.route == "/summarize/stream" and call.completion_tokens == 16
+
+
+async def test_the_dependency_and_the_sdk_inside_a_handler(
+    example: tuple[ModuleType, str, list[RequestRecord]],
+) -> None:
+    _, url, records = example
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(url + "/translate", json={"text": "cat"}, headers=AUTH)
+        refused = await http.post(url + "/translate", json={"text": "cat"})
+    assert response.status_code == 200 and response.json()["translation"]
+    assert next(r for r in records if r.endpoint == "chat.completions").route == "/translate"
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "missing_api_key"
+
+
+async def test_routes_outside_the_patterns_and_websockets_are_untouched(
+    example: tuple[ModuleType, str, list[RequestRecord]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module, url, records = example
+    async with httpx2.AsyncClient() as http:
+        health = await http.get(url + "/health")
+        models = await http.get(url + "/v1/models", headers=AUTH)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert "x-request-id" not in health.headers
+    assert models.status_code == 200
+    assert records == []
+    with TestClient(module.app) as client, client.websocket_connect("/ws") as socket:
+        socket.send_text("ping")
+        assert socket.receive_text() == "ping"
+
+
+def test_limits_and_quota_on_a_host_route() -> None:
+    budget = Budget(left=3)
+    gateway = Gateway(GateSettings(api_keys=[KEY]), guards=[budget])
+    app = FastAPI(lifespan=gateway.lifespan)
+    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
+    app.add_exception_handler(GateError, gate_exception_handler)
+    ran: list[str] = []
+
+    @app.post("/ai/twice")
+    async def twice(request: Request, tasks: BackgroundTasks) -> dict[str, int]:
+        gate = request.state.gate
+        for _ in range(2):
+            await gate.chat(model="openai/gpt-4.1", messages=[{"role": "user", "content": "x"}])
+        tasks.add_task(ran.append, "background")
+        return {"calls": 2}
+
+    with TestClient(app) as client:
+        first = client.post("/ai/twice", headers=AUTH)  # route + 2 calls: 3 admitted
+        assert first.status_code == 200 and ran == ["background"]
+        second = client.post("/ai/twice", headers=AUTH)  # the route itself is refused
+    assert second.status_code == 402
+    assert second.json()["error"]["code"] == "insufficient_quota"
+    # Every admitted request was settled exactly once: the route and its two calls.
+    assert sorted(r.endpoint for r in budget.settled) == [
+        "chat.completions", "chat.completions", "route"
+    ]
+
+
+def test_a_refused_model_call_inside_a_handler_renders_openai_shaped() -> None:
+    budget = Budget(left=2)
+    gateway = Gateway(GateSettings(api_keys=[KEY]), guards=[budget])
+    app = FastAPI(lifespan=gateway.lifespan)
+    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
+
+    @app.post("/ai/twice")
+    async def twice(request: Request) -> dict[str, int]:
+        for _ in range(2):
+            await request.state.gate.chat(
+                model="openai/gpt-4.1", messages=[{"role": "user", "content": "x"}]
+            )
+        return {"calls": 2}
+
+    with TestClient(app) as client:
+        response = client.post("/ai/twice", headers=AUTH)
+    assert response.status_code == 402
+    assert response.json()["error"]["type"] == "insufficient_quota"
+    assert response.headers["x-request-id"]
