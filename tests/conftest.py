@@ -13,6 +13,7 @@ import httpx2
 import openai
 import pytest
 import uvicorn
+import uuid
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.types import ASGIApp
@@ -185,3 +186,32 @@ def hosts(apps: dict[str, ASGIApp]) -> ASGIApp:
         await apps[host](scope, receive, send)
 
     return dispatch
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """A fresh, empty database URL for the backend named by `request.param`."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "memory":
+        yield "memory://"
+    elif kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gate.db'}"
+    else:
+        base = request.getfixturevalue("postgres_url")
+        schema = f"gate_test_{uuid.uuid4().hex[:12]}"
+        sep = "&" if "?" in base else "?"
+        yield f"{base}{sep}schema={schema}"
+        asyncio.run(drop_schema(base, schema))
+
+
+BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
