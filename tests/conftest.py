@@ -215,3 +215,37 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]
 
 
 BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+ADMIN_KEY = "sk-admin-test-0123456789"
+
+
+def make_billing_gateway(
+    upstream: ASGIApp,
+    database_url: str,
+    records: list[RequestRecord] | None = None,
+    **settings: Any,
+) -> Gateway:
+    """A gateway on a database: keys from accounts, the admin key, metering and quotas."""
+    settings.setdefault("api_keys", [])
+    settings.setdefault("admin_key", ADMIN_KEY)
+    settings.setdefault("ledger_flush_seconds", 0.02)
+    return make_gateway(upstream, records, database_url=database_url, **settings)
+
+
+async def fund(
+    gateway: Gateway, usd: str | None, *, parent: str | None = None, key: dict | None = None,
+    **fields: Any,
+) -> tuple[str, str]:
+    """A new account (topped up with `usd`) and a key for it: (account id, secret)."""
+    from gate_middleware.auth import Principal
+
+    admin = Principal(id="admin", key_hint="admin", admin=True)
+    assert gateway.accounting is not None
+    accounts = gateway.accounting.accounts
+    fields.setdefault("name", "test")
+    account = await accounts.create_account(admin, {"parent_id": parent, **fields})
+    if usd:
+        await accounts.credit(admin, account.id, {"amount_usd": usd}, kind="topup")
+    _, secret = await accounts.create_key(admin, account.id, {"name": "k", **(key or {})})
+    return account.id, secret

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _body
 from ._known_models import VENDOR_BASE_URLS
+from .accounting import Accounting
 from .api.chat import ChatAPI
 from .api.embeddings import EmbeddingsAPI
 from .api.models import ModelsAPI
@@ -46,6 +47,7 @@ from .record import RecordHook, RequestRecord
 from .tokens import estimate_prompt_tokens
 from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
+from .storage import Storage, storage_from_url
 
 __all__ = ["Gateway"]
 
@@ -69,6 +71,7 @@ class Gateway(Starlette):
         *,
         providers: Mapping[str, Provider] | None = None,
         authenticator: Authenticator | None = None,
+        storage: Storage | None = None,
         http_client: httpx.AsyncClient | None = None,
         health: HealthStore | None = None,
         guards: Iterable[Guard] = (),
@@ -82,6 +85,13 @@ class Gateway(Starlette):
             logger.warning("No upstream is configured: serving the built-in fake provider.")
             self.providers["fake"] = FakeProvider(latency=self.settings.fake_latency)
         self.catalogue = Catalogue.build(self.settings, self.providers)
+        if storage is None and self.settings.database_url:
+            storage = storage_from_url(self.settings.database_url)
+        self.accounting = (
+            Accounting(storage, self.settings, self.catalogue) if storage is not None else None
+        )
+        if authenticator is None and self.accounting is not None:
+            authenticator = self.accounting.keys
         if authenticator is None:
             keys = [key.get_secret_value() for key in self.settings.api_keys]
             if not keys:
@@ -105,6 +115,9 @@ class Gateway(Starlette):
         )
         self.guards = list(guards)
         self.record_hooks = list(record_hooks)
+        if self.accounting is not None:
+            self.guards.insert(0, self.accounting)
+            self.record_hooks.insert(0, self.accounting.record)
         self._max_body = self.settings.max_body_bytes
         self._users = 0
 
@@ -145,8 +158,11 @@ class Gateway(Starlette):
         return self._users > 0
 
     def _resources(self) -> list[Any]:
-        """What the lifespan opens, in order (and closes in reverse)."""
-        return [self.health, *self.providers.values()]
+        """What the lifespan opens, in order (and closes in reverse: the accounting
+        first, so the last ledger rows and spends are written and the leases go back
+        while the rest still stands)."""
+        accounting = [self.accounting] if self.accounting is not None else []
+        return [self.health, *self.providers.values(), *accounting]
 
     async def __aenter__(self) -> Gateway:
         if self._users == 0:

@@ -18,7 +18,8 @@ class RequestRecord:
 
     `headers` are added to the response (guards put rate-limit headers there);
     `estimated_prompt_tokens` and `max_completion_tokens` are known before the call,
-    the token counts after it.
+    the token counts after it; `estimated_completion_tokens` is what the relay saw,
+    for when the upstream reports no usage.
     """
 
     request_id: str
@@ -41,6 +42,7 @@ class RequestRecord:
     ttft_ms: float | None = None
     app: str | None = None
     estimated_prompt_tokens: int = 0
+    estimated_completion_tokens: int = 0
     max_completion_tokens: int | None = None
     attempts: int = 0
     admitted: bool = False

@@ -16,6 +16,7 @@ from .base import (
     Spend,
     Storage,
     StorageConflict,
+    Target,
 )
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Spend",
     "Storage",
     "StorageConflict",
+    "Target",
     "storage_from_url",
 ]
 

@@ -270,8 +270,8 @@ class PostgresStorage:
                 if available is None or available < row.amount:
                     raise StorageConflict("The parent account does not have that much available.")
             done = await conn.fetchval(
-                f"UPDATE accounts SET credits = credits + $1 WHERE id = $2 "
-                f"AND ($1 >= 0 OR {_BUDGET['account']} + $1 >= 0) RETURNING 1",
+                f"UPDATE accounts SET credits = credits + $1::bigint WHERE id = $2 "
+                f"AND ($1::bigint >= 0 OR {_BUDGET['account']} + $1::bigint >= 0) RETURNING 1",
                 row.amount,
                 row.account_id,
             )
