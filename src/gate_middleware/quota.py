@@ -37,9 +37,21 @@ class Purse:
     used: float = 0.0  # monotonic time of the last hold
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    @property
-    def lease_id(self) -> str | None:
-        return self.leases[-1].id if self.leases else None
+    def spend(self, cost: int) -> list[Spend]:
+        """Take the cost off the leases, oldest first (each lease's `amount` here is what
+        is left of it); the part no lease covers is spent all the same."""
+        spends = []
+        for lease in self.leases:
+            if cost <= 0:
+                break
+            take = min(cost, lease.amount)
+            if take > 0:
+                lease.amount -= take
+                cost -= take
+                spends.append(Spend(self.target, self.target_id, take, lease.id))
+        if cost > 0:
+            spends.append(Spend(self.target, self.target_id, cost))
+        return spends
 
 
 Hold = tuple[Purse, int]
@@ -115,10 +127,12 @@ class LeaseBook:
     def settle(self, holds: list[Hold], costs: list[int]) -> list[Spend]:
         """Give back each hold and spend the real cost; no await, so nothing interleaves."""
         spends = []
+        now = time.monotonic()
         for (purse, held), cost in zip(holds, costs):
             purse.held -= held
             purse.free += held - cost
-            spends.append(Spend(purse.target, purse.target_id, cost, purse.lease_id))
+            purse.used = now
+            spends.extend(purse.spend(cost))
         return spends
 
     # Lifecycle ---------------------------------------------------------------------
