@@ -120,16 +120,17 @@ class Accounting:
         costs = request_cost(record, self.price(record.model_id))
         record.extra["costs"] = costs
         holds = record.extra.pop("holds", None)
+        key_held = False
         if holds is not None and self.book is not None:
-            charged = costs + [costs[-1]] * (len(holds) - len(costs))
-            spends = self.book.settle(holds, charged)
+            key_held = len(holds) > len(costs)
+            spends = self.book.settle(holds, costs + [costs[-1]] * (len(holds) - len(costs)))
         else:
             spends = [
                 Spend("account", level.account_id, cost)
                 for level, cost in zip(principal.chain, costs)
             ]
-            if principal.spend_limit is not None and principal.key_id:
-                spends.append(Spend("key", principal.key_id, costs[-1]))
+        if principal.key_id and not key_held:
+            spends.append(Spend("key", principal.key_id, costs[-1]))  # the key's usage
         self.writer.add((), [s for s in spends if s.amount])
 
     # Record hook -------------------------------------------------------------------
