@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from .app import Gateway
-from .auth import Authenticator, Principal, StaticKeys
+from .accounts import AccountKeys
+from .auth import Authenticator, Level, Principal, StaticKeys
 from .errors import (
     AuthenticationError,
     ConfigurationError,
     GateError,
     GatewayNotStartedError,
+    InsufficientQuotaError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
@@ -22,10 +24,12 @@ from .providers.openai import OpenAICompatible
 from .record import RecordHook, RequestRecord
 from .routing import Catalogue, Deployment, ModelEntry
 from .settings import DeploymentSettings, GateSettings, ModelSettings, ProviderSettings
+from .storage import Storage, StorageConflict, storage_from_url
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccountKeys",
     "AuthenticationError",
     "Authenticator",
     "Catalogue",
@@ -37,7 +41,9 @@ __all__ = [
     "GateSettings",
     "Gateway",
     "GatewayNotStartedError",
+    "InsufficientQuotaError",
     "InvalidRequestError",
+    "Level",
     "ModelEntry",
     "ModelSettings",
     "NotFoundError",
@@ -52,6 +58,9 @@ __all__ = [
     "Reply",
     "RequestRecord",
     "StaticKeys",
+    "Storage",
+    "StorageConflict",
     "UpstreamError",
     "__version__",
+    "storage_from_url",
 ]

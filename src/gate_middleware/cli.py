@@ -1,4 +1,4 @@
-"""`gate-middleware serve`: the demo gateway on the embedded defaults."""
+"""`gate-middleware serve` (the demo gateway) and the account commands (`keys`, `topup`, ...)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(handler=_serve)
+    from ._admin_cli import add_commands
+
+    add_commands(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 
