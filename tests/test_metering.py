@@ -272,3 +272,29 @@ async def test_shutdown_writes_every_row(upstream: FakeUpstream, tmp_path: objec
         assert again.accounting is not None
         state = await again.accounting.storage.account(account)
         assert state is not None and state.leased == 0
+
+
+async def test_a_fallback_is_charged_at_the_price_of_the_model_that_answered(
+    upstream: FakeUpstream,
+) -> None:
+    from gate_middleware import ModelSettings
+    from gate_middleware.testing import Fault
+
+    gateway = make_billing_gateway(
+        upstream,
+        "memory://",
+        models={"openai/gpt-4.1-mini": ModelSettings(fallbacks=["openai/gpt-4.1"])},
+    )
+    async with gateway:
+        account, secret = await fund(gateway, "1")
+        upstream.schedule(Fault(status=503))
+        answer = await sdk(mounted(gateway), key=secret).chat.completions.create(
+            model="openai/gpt-4.1-mini",
+            messages=MESSAGES,
+            max_tokens=5,
+            extra_headers={"x-gate-max-retries": "1"},
+        )
+        assert answer.model == "openai/gpt-4.1"
+        [row] = await ledger(gateway, account, kind="request")
+        assert row.model == "openai/gpt-4.1-mini" and row.model_id == "openai/gpt-4.1"
+        assert row.amount == PROMPT * IN + 5 * OUT and row.attempts == 2

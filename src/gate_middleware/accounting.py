@@ -85,13 +85,16 @@ class Accounting:
             )
         if not principal.chain:
             return  # a settings key: metered, no balance
-        if not model_allowed(principal, record.model_id, record.model):
+        # The model that answers is known only after the call (retries may fall back
+        # to another), so the hold covers the dearest model that could answer.
+        entry = self._catalogue.resolve(record.model)
+        if not model_allowed(principal, entry.id, record.model):
             raise PermissionDeniedError(
                 f"This key may not use the model '{record.model}'.",
                 param="model",
                 code="model_not_allowed",
             )
-        price = self.price(record.model_id)
+        price = self.price(entry.id)
         if price is None and self._reject_unpriced:
             raise InvalidRequestError(
                 f"The model '{record.model}' has no price on this gateway, so it cannot be "
@@ -99,12 +102,19 @@ class Accounting:
                 param="model",
                 code="model_not_priced",
             )
-        if self.book is None or price is None:
+        if self.book is None:
             return
         completion = 0 if record.endpoint == "embeddings" else (
             record.max_completion_tokens or self._max_tokens
         )
-        most = level_costs(price.cost(record.estimated_prompt_tokens, completion), principal)
+        candidates = (entry.id, *entry.fallbacks, *filter(None, [entry.context_fallback]))
+        base = max(
+            (p.cost(record.estimated_prompt_tokens, completion) for m in candidates if (p := self.price(m))),
+            default=None,
+        )
+        if base is None:
+            return
+        most = level_costs(base, principal)
         wanted = [
             (self.book.purse("account", level.account_id), cost)
             for level, cost in zip(principal.chain, most)
