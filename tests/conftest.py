@@ -13,6 +13,7 @@ import httpx2
 import openai
 import pytest
 import uvicorn
+import uuid
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.types import ASGIApp
@@ -185,3 +186,66 @@ def hosts(apps: dict[str, ASGIApp]) -> ASGIApp:
         await apps[host](scope, receive, send)
 
     return dispatch
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """A fresh, empty database URL for the backend named by `request.param`."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "memory":
+        yield "memory://"
+    elif kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gate.db'}"
+    else:
+        base = request.getfixturevalue("postgres_url")
+        schema = f"gate_test_{uuid.uuid4().hex[:12]}"
+        sep = "&" if "?" in base else "?"
+        yield f"{base}{sep}schema={schema}"
+        asyncio.run(drop_schema(base, schema))
+
+
+BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+ADMIN_KEY = "sk-admin-test-0123456789"
+
+
+def make_billing_gateway(
+    upstream: ASGIApp,
+    database_url: str,
+    records: list[RequestRecord] | None = None,
+    **settings: Any,
+) -> Gateway:
+    """A gateway on a database: keys from accounts, the admin key, metering and quotas."""
+    settings.setdefault("api_keys", [])
+    settings.setdefault("admin_key", ADMIN_KEY)
+    settings.setdefault("ledger_flush_seconds", 0.02)
+    return make_gateway(upstream, records, database_url=database_url, **settings)
+
+
+async def fund(
+    gateway: Gateway, usd: str | None, *, parent: str | None = None, key: dict | None = None,
+    **fields: Any,
+) -> tuple[str, str]:
+    """A new account (topped up with `usd`) and a key for it: (account id, secret)."""
+    from gate_middleware.auth import Principal
+
+    admin = Principal(id="admin", key_hint="admin", admin=True)
+    assert gateway.accounting is not None
+    accounts = gateway.accounting.accounts
+    fields.setdefault("name", "test")
+    account = await accounts.create_account(admin, {"parent_id": parent, **fields})
+    if usd:
+        await accounts.credit(admin, account.id, {"amount_usd": usd}, kind="topup")
+    _, secret = await accounts.create_key(admin, account.id, {"name": "k", **(key or {})})
+    return account.id, secret

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from .app import Gateway
-from .auth import Authenticator, Principal, StaticKeys
+from .accounts import AccountKeys
+from .auth import Authenticator, Level, Principal, StaticKeys
 from .client import GateClient
 from .errors import (
     AuthenticationError,
     ConfigurationError,
     GateError,
     GatewayNotStartedError,
+    InsufficientQuotaError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
@@ -27,10 +29,12 @@ from .providers.openai import OpenAICompatible
 from .record import RecordHook, RequestRecord
 from .routing import Catalogue, Deployment, ModelEntry
 from .settings import DeploymentSettings, GateSettings, ModelSettings, ProviderSettings
+from .storage import Storage, StorageConflict, storage_from_url
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccountKeys",
     "AuthenticationError",
     "Authenticator",
     "Catalogue",
@@ -48,7 +52,9 @@ __all__ = [
     "GatewayNotStartedError",
     "Guard",
     "HealthStore",
+    "InsufficientQuotaError",
     "InvalidRequestError",
+    "Level",
     "MemoryHealth",
     "ModelEntry",
     "ModelSettings",
@@ -65,7 +71,10 @@ __all__ = [
     "Reply",
     "RequestRecord",
     "StaticKeys",
+    "Storage",
+    "StorageConflict",
     "UpstreamError",
     "__version__",
     "gate_exception_handler",
+    "storage_from_url",
 ]

@@ -21,8 +21,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _body
 from ._known_models import VENDOR_BASE_URLS
+from .accounting import Accounting
+from .api.billing import BillingAPI
 from .api.chat import ChatAPI
 from .api.embeddings import EmbeddingsAPI
+from .api.manage import ManageAPI
 from .api.models import ModelsAPI
 from .auth import PARENT, PRINCIPAL, ROUTE, Authenticator, StaticKeys, authenticate
 from .errors import (
@@ -46,6 +49,7 @@ from .record import RecordHook, RequestRecord
 from .tokens import estimate_prompt_tokens
 from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
+from .storage import Storage, storage_from_url
 
 __all__ = ["Gateway"]
 
@@ -69,6 +73,7 @@ class Gateway(Starlette):
         *,
         providers: Mapping[str, Provider] | None = None,
         authenticator: Authenticator | None = None,
+        storage: Storage | None = None,
         http_client: httpx.AsyncClient | None = None,
         health: HealthStore | None = None,
         guards: Iterable[Guard] = (),
@@ -82,6 +87,13 @@ class Gateway(Starlette):
             logger.warning("No upstream is configured: serving the built-in fake provider.")
             self.providers["fake"] = FakeProvider(latency=self.settings.fake_latency)
         self.catalogue = Catalogue.build(self.settings, self.providers)
+        if storage is None and self.settings.database_url:
+            storage = storage_from_url(self.settings.database_url)
+        self.accounting = (
+            Accounting(storage, self.settings, self.catalogue) if storage is not None else None
+        )
+        if authenticator is None and self.accounting is not None:
+            authenticator = self.accounting.keys
         if authenticator is None:
             keys = [key.get_secret_value() for key in self.settings.api_keys]
             if not keys:
@@ -105,6 +117,9 @@ class Gateway(Starlette):
         )
         self.guards = list(guards)
         self.record_hooks = list(record_hooks)
+        if self.accounting is not None:
+            self.guards.insert(0, self.accounting)
+            self.record_hooks.insert(0, self.accounting.record)
         self._max_body = self.settings.max_body_bytes
         self._users = 0
 
@@ -115,6 +130,8 @@ class Gateway(Starlette):
             Route("/models", models.list, methods=["GET"]),
             Route("/models/{model_id:path}", models.retrieve, methods=["GET"]),
         ]
+        if self.accounting is not None:
+            routes += _billing_routes(BillingAPI(self)) + _manage_routes(ManageAPI(self))
         middleware = [Middleware(_RequestContext, gateway=self)]
         if self.settings.cors_origins:
             middleware.insert(
@@ -122,7 +139,7 @@ class Gateway(Starlette):
                 Middleware(
                     CORSMiddleware,
                     allow_origins=self.settings.cors_origins,
-                    allow_methods=["GET", "POST", "OPTIONS"],
+                    allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
                     allow_headers=["*"],
                     expose_headers=["x-request-id", "x-gate-provider", "retry-after"],
                 ),
@@ -145,8 +162,11 @@ class Gateway(Starlette):
         return self._users > 0
 
     def _resources(self) -> list[Any]:
-        """What the lifespan opens, in order (and closes in reverse)."""
-        return [self.health, *self.providers.values()]
+        """What the lifespan opens, in order (and closes in reverse: the accounting
+        first, so the last ledger rows and spends are written and the leases go back
+        while the rest still stands)."""
+        accounting = [self.accounting] if self.accounting is not None else []
+        return [self.health, *self.providers.values(), *accounting]
 
     async def __aenter__(self) -> Gateway:
         if self._users == 0:
@@ -167,6 +187,16 @@ class Gateway(Starlette):
         if self._users == 0:
             for resource in reversed(self._resources()):
                 await resource.aclose()
+
+    def root_routes(self) -> list[Route]:
+        """Billing routes for the host's root, for tools that call them without `/v1`:
+        `Starlette(routes=[*gateway.root_routes(), Mount("/v1", gateway)])`."""
+        if self.accounting is None:
+            return []
+        return [
+            Route(path, self, methods=["GET"])
+            for path in ("/dashboard/billing/subscription", "/dashboard/billing/usage")
+        ]
 
     @asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
@@ -316,6 +346,36 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Any:
     error = GateError(exc.detail, status=exc.status_code, type="invalid_request_error")
     error.headers.update(exc.headers or {})
     return error_response(error, request.scope.get(REQUEST_ID))
+
+
+def _billing_routes(billing: BillingAPI) -> list[Route]:
+    return [
+        Route("/dashboard/billing/subscription", billing.subscription, methods=["GET"]),
+        Route("/dashboard/billing/usage", billing.usage, methods=["GET"]),
+        Route("/key", billing.key, methods=["GET"]),
+        Route("/credits", billing.credits, methods=["GET"]),
+        Route("/generation", billing.generation, methods=["GET"]),
+    ]
+
+
+def _manage_routes(manage: ManageAPI) -> list[Route]:
+    return [
+        Route("/accounts", manage.list_accounts, methods=["GET"]),
+        Route("/accounts", manage.create_account, methods=["POST"]),
+        Route("/accounts/{account_id}", manage.get_account, methods=["GET"]),
+        Route("/accounts/{account_id}", manage.update_account, methods=["PATCH"]),
+        Route("/accounts/{account_id}/topups", manage.credit, methods=["POST"]),
+        Route("/accounts/{account_id}/adjustments", manage.credit, methods=["POST"]),
+        Route("/accounts/{account_id}/keys", manage.list_keys, methods=["GET"]),
+        Route("/accounts/{account_id}/keys", manage.create_key, methods=["POST"]),
+        Route("/keys/{key_id}", manage.get_key, methods=["GET"]),
+        Route("/keys/{key_id}", manage.update_key, methods=["PATCH"]),
+        Route("/keys/{key_id}", manage.disable_key, methods=["DELETE"]),
+        Route("/usage", manage.overview, methods=["GET"]),
+        Route("/ledger", manage.ledger, methods=["GET"]),
+        Route("/ledger.csv", manage.ledger_csv, methods=["GET"]),
+        Route("/openapi.json", manage.openapi, methods=["GET"]),
+    ]
 
 
 def _build_providers(

@@ -5,13 +5,22 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Protocol, runtime_checkable
 
 from starlette.datastructures import Headers
 
 from .errors import AuthenticationError
 
-__all__ = ["Authenticator", "Principal", "StaticKeys", "bearer_key", "key_hint"]
+__all__ = ["Authenticator", "Level", "Principal", "StaticKeys", "bearer_key", "key_hint"]
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One account of a caller's chain and the price multiplier it is charged at."""
+
+    account_id: str
+    multiplier: Decimal = Decimal(1)
 
 # Scope keys set only in-process (by GateMiddleware's client), never from a request.
 PRINCIPAL = "gate.principal"
@@ -21,10 +30,28 @@ PARENT = "gate.parent"
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated caller; `key_hint` is all of the key that may be shown or logged."""
+    """An authenticated caller; `key_hint` is all of the key that may be shown or logged.
+
+    `id` is what per-caller limits count by (the key). Keys from the database also
+    carry their account, its chain of accounts up to the top (root first, each with
+    its multiplier), and the tightest limits of the key and every account above it:
+    `rpm`, `tpm`, `rpd`, `max_concurrency` (read by rate limits), `allowed_models`
+    (None: any) and the key's own `spend_limit` in nanodollars.
+    """
 
     id: str
     key_hint: str
+    account_id: str | None = None
+    key_id: str | None = None
+    chain: tuple[Level, ...] = ()
+    key_multiplier: Decimal = Decimal(1)
+    allowed_models: frozenset[str] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    rpd: int | None = None
+    max_concurrency: int | None = None
+    spend_limit: int | None = None
+    admin: bool = False
 
 
 @runtime_checkable

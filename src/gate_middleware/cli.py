@@ -1,4 +1,4 @@
-"""`gate-middleware serve`: the demo gateway on the embedded defaults."""
+"""`gate-middleware serve` (the demo gateway) and the account commands (`keys`, `topup`, ...)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = GateSettings()
     generated = None
-    if not settings.api_keys:
+    if not settings.api_keys and not settings.database_url:
         generated = "sk-gate-demo-" + secrets.token_urlsafe(18)
         settings = settings.model_copy(update={"api_keys": [SecretStr(generated)]})
     app = create_app(settings)
@@ -33,6 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
     if generated:
         # A fresh key for this run only; set GATE_API_KEYS to choose your own.
         print(f"gate-middleware: API key for this run: {generated}", flush=True)
+    elif settings.database_url:
+        print("gate-middleware: API keys from the database (gate-middleware keys create)", flush=True)
     else:
         print("gate-middleware: API keys from GATE_API_KEYS", flush=True)
     print(
@@ -58,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(handler=_serve)
+    from ._admin_cli import add_commands
+
+    add_commands(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

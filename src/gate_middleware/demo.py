@@ -31,7 +31,13 @@ def create_app(settings: GateSettings | None = None) -> Starlette:
         return JSONResponse({"status": "ok" if gateway.started else "starting"})
 
     app = Starlette(
-        routes=[Route("/", index), Route("/healthz", health), Mount("/v1", gateway)],
+        routes=[
+            Route("/", index),
+            Route("/healthz", health),
+            # Some tools call the billing routes without /v1.
+            *gateway.root_routes(),
+            Mount("/v1", gateway),
+        ],
         lifespan=gateway.lifespan,
     )
     app.state.gateway = gateway

@@ -3,6 +3,7 @@
     GateError
     ├── InvalidRequestError      400 invalid_request_error
     ├── AuthenticationError      401 invalid_api_key
+    ├── InsufficientQuotaError   402 insufficient_quota
     ├── PermissionDeniedError    403 permission_denied
     ├── NotFoundError            404 not_found / model_not_found
     ├── PayloadTooLargeError     413 request_too_large
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigurationError",
     "GateError",
     "GatewayNotStartedError",
+    "InsufficientQuotaError",
     "InvalidRequestError",
     "NotFoundError",
     "PayloadTooLargeError",
@@ -80,6 +82,14 @@ class AuthenticationError(GateError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class InsufficientQuotaError(GateError):
+    """The account (or one above it) cannot pay for the most this request may cost."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class PermissionDeniedError(GateError):

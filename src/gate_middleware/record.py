@@ -18,9 +18,10 @@ class RequestRecord:
 
     `headers` are added to the response (guards put rate-limit headers there);
     `estimated_prompt_tokens` and `max_completion_tokens` are known before the call,
-    the token counts after it. `route` is the host route that made the call (through
-    `GateMiddleware`), `parent_id` that route's own request id. `stream_chunks` counts
-    the chunks relayed, an estimate of tokens produced when a stream is cut short.
+    the token counts after it; `estimated_completion_tokens` is what the relay saw,
+    for when the upstream reports no usage (or the client left). `route` is the host
+    route that made the call (through `GateMiddleware`), `parent_id` that route's own
+    request id.
     """
 
     request_id: str
@@ -44,8 +45,8 @@ class RequestRecord:
     app: str | None = None
     route: str | None = None
     parent_id: str | None = None
-    stream_chunks: int = 0
     estimated_prompt_tokens: int = 0
+    estimated_completion_tokens: int = 0
     max_completion_tokens: int | None = None
     attempts: int = 0
     admitted: bool = False

@@ -8,6 +8,7 @@ file named by `GATE_CONFIG_FILE` is read under the environment, which wins.
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -107,6 +108,39 @@ class GateSettings(BaseSettings):
     )
     fake_latency: float = Field(
         0.0, ge=0, description="Seconds between stream chunks of fake providers."
+    )
+    database_url: str | None = Field(
+        None,
+        description="Accounts, keys, ledger and balances: sqlite:///gate.db, "
+        "postgresql://user@host/db[?schema=name] or memory://. Unset: settings keys only.",
+    )
+    admin_key: SecretStr | None = Field(
+        None, description="The key that manages top-level accounts (with a database)."
+    )
+    key_cache_seconds: float = Field(
+        5.0, ge=0, description="How long a key lookup is cached: the bound for a disabled "
+        "key or account to stop working in other processes.",
+    )
+    quota: bool = Field(True, description="Hold the most a request may cost before the call.")
+    quota_max_tokens: int = Field(
+        4096, gt=0, description="Completion tokens held for a request that sets no max_tokens."
+    )
+    quota_lease_usd: Decimal = Field(
+        Decimal("1"), gt=0, description="How much balance a process leases at a time."
+    )
+    quota_lease_seconds: float = Field(
+        30.0, gt=0, description="Unused leases go back after about a third of this; a dead "
+        "process's leases are reclaimed after twice this.",
+    )
+    unpriced_models: Literal["reject", "free"] = Field(
+        "reject", description="A model with no price: refuse it (400), or serve it at zero cost."
+    )
+    max_credit_usd: Decimal = Field(
+        Decimal("1000000"), gt=0, description="The largest single top-up or adjustment."
+    )
+    ledger_batch_size: int = Field(1000, gt=0, description="Ledger rows per write.")
+    ledger_flush_seconds: float = Field(
+        0.2, gt=0, description="Longest a ledger row waits before it is written."
     )
 
     @field_validator("api_keys", "cors_origins", mode="before")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["estimate_prompt_tokens", "estimate_text_tokens"]
+__all__ = ["estimate_completion_tokens", "estimate_prompt_tokens", "estimate_text_tokens"]
 
 
 def estimate_text_tokens(text: str) -> int:
@@ -40,3 +40,16 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
             for item in inputs
         )
     return 0
+
+
+def estimate_completion_tokens(answer: dict[str, Any]) -> int:
+    """A whole chat answer's tokens, for an upstream that reports no usage."""
+    choices = answer.get("choices")
+    if not isinstance(choices, list):
+        return 0
+    total = 0
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            total += estimate_text_tokens(_text_of(message.get("content")))
+    return total

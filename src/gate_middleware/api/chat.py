@@ -18,6 +18,7 @@ from ..record import RequestRecord, usage_into
 from ..providers.base import Reply
 from ..retry import Candidate, Outcome
 from ..sse import DONE, EventStreamResponse, frame
+from ..tokens import estimate_completion_tokens
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -62,6 +63,8 @@ class ChatAPI:
         data = answered.value.data
         data["model"] = answered.candidate.entry.id
         usage_into(record, data.get("usage"))
+        if not record.usage_reported:
+            record.estimated_completion_tokens = estimate_completion_tokens(data)
         await gateway.finish(record)
         return Response(
             json.dumps(data, separators=(",", ":")).encode(),
@@ -101,7 +104,8 @@ class ChatAPI:
                 if rewrite:
                     payload = _MODEL_FIELD.sub(model_field, payload, count=1)
                 out.append(frame(payload))
-                record.stream_chunks += 1
+            # About a token a chunk: the estimate when no usage comes (or the client left).
+            record.estimated_completion_tokens += len(out)
             return b"".join(out), None
 
         async def events() -> AsyncIterator[bytes]:

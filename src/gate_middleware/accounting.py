@@ -1,0 +1,152 @@
+"""The money side, composed: keys -> principals, prices, quota holds, ledger rows.
+
+`Accounting` is a `Guard` (model permission, price check, quota hold before the call;
+cost and spend after) and a record hook (one ledger row per level for every request,
+also those refused before any call). The gateway builds it when a database is set.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .accounts import AccountKeys, Accounts, model_allowed
+from .auth import StaticKeys
+from .errors import InvalidRequestError, PermissionDeniedError
+from .metering import LedgerWriter, ledger_rows, request_cost
+from .pricing import Price, level_costs, nanos_from_usd, price_of
+from .quota import LeaseBook
+from .record import RequestRecord
+from .routing import Catalogue
+from .settings import GateSettings
+from .storage import Spend, Storage
+
+__all__ = ["Accounting"]
+
+
+class Accounting:
+    def __init__(self, storage: Storage, settings: GateSettings, catalogue: Catalogue) -> None:
+        self.storage = storage
+        self._catalogue = catalogue
+        self._reject_unpriced = settings.unpriced_models == "reject"
+        self._max_tokens = settings.quota_max_tokens
+        self.writer = LedgerWriter(
+            storage, batch=settings.ledger_batch_size, interval=settings.ledger_flush_seconds
+        )
+        self.book = (
+            LeaseBook(
+                storage,
+                self.writer,
+                slice_nanos=nanos_from_usd(settings.quota_lease_usd),
+                lease_seconds=settings.quota_lease_seconds,
+            )
+            if settings.quota
+            else None
+        )
+        static = [key.get_secret_value() for key in settings.api_keys]
+        self.keys = AccountKeys(
+            storage,
+            admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
+            static=StaticKeys(static) if static else None,
+            cache_seconds=settings.key_cache_seconds,
+        )
+        self.accounts = Accounts(
+            storage, max_credit=nanos_from_usd(settings.max_credit_usd), on_change=self.keys.forget
+        )
+        self._prices: dict[str | None, Price | None] = {}
+
+    async def startup(self) -> None:
+        await self.storage.open()
+        await self.writer.start()
+        if self.book is not None:
+            await self.book.start()
+
+    async def aclose(self) -> None:
+        try:
+            if self.book is not None:
+                await self.book.stop()
+            await self.writer.stop()
+        finally:
+            await self.storage.close()
+
+    def price(self, model_id: str | None) -> Price | None:
+        if model_id not in self._prices:
+            entry = self._catalogue.resolve(model_id) if model_id else None
+            self._prices[model_id] = price_of(entry) if entry else None
+        return self._prices[model_id]
+
+    # Guard -------------------------------------------------------------------------
+
+    async def admit(self, record: RequestRecord) -> None:
+        principal = record.principal
+        if principal.admin:
+            raise PermissionDeniedError(
+                "The admin key manages accounts; make model requests with an account's key.",
+                code="admin_key",
+            )
+        if not principal.chain:
+            return  # a settings key: metered, no balance
+        # The model that answers is known only after the call (retries may fall back
+        # to another), so the hold covers the dearest model that could answer.
+        entry = self._catalogue.resolve(record.model)
+        if not model_allowed(principal, entry.id, record.model):
+            raise PermissionDeniedError(
+                f"This key may not use the model '{record.model}'.",
+                param="model",
+                code="model_not_allowed",
+            )
+        price = self.price(entry.id)
+        if price is None and self._reject_unpriced:
+            raise InvalidRequestError(
+                f"The model '{record.model}' has no price on this gateway, so it cannot be "
+                "billed.",
+                param="model",
+                code="model_not_priced",
+            )
+        if self.book is None:
+            return
+        completion = 0 if record.endpoint == "embeddings" else (
+            record.max_completion_tokens or self._max_tokens
+        )
+        candidates = (entry.id, *entry.fallbacks, *filter(None, [entry.context_fallback]))
+        base = max(
+            (p.cost(record.estimated_prompt_tokens, completion) for m in candidates if (p := self.price(m))),
+            default=None,
+        )
+        if base is None:
+            return
+        most = level_costs(base, principal)
+        wanted = [
+            (self.book.purse("account", level.account_id), cost)
+            for level, cost in zip(principal.chain, most)
+        ]
+        if principal.spend_limit is not None and principal.key_id:
+            wanted.append((self.book.purse("key", principal.key_id), most[-1]))
+        record.extra["holds"] = await self.book.hold(wanted)
+
+    async def settle(self, record: RequestRecord) -> None:
+        principal = record.principal
+        if not principal.chain:
+            return
+        costs = request_cost(record, self.price(record.model_id))
+        record.extra["costs"] = costs
+        holds = record.extra.pop("holds", None)
+        key_held = False
+        if holds is not None and self.book is not None:
+            key_held = len(holds) > len(costs)
+            spends = self.book.settle(holds, costs + [costs[-1]] * (len(holds) - len(costs)))
+        else:
+            spends = [
+                Spend("account", level.account_id, cost)
+                for level, cost in zip(principal.chain, costs)
+            ]
+        if principal.key_id and not key_held:
+            spends.append(Spend("key", principal.key_id, costs[-1]))  # the key's usage
+        self.writer.add((), [s for s in spends if s.amount])
+
+    # Record hook -------------------------------------------------------------------
+
+    def record(self, record: RequestRecord) -> None:
+        costs = record.extra.get("costs")
+        if costs is None:
+            costs = request_cost(record, self.price(record.model_id) if record.model_id else None)
+        self.writer.add(ledger_rows(record, costs, time.time()))

@@ -1,0 +1,415 @@
+"""Accounts and keys: creating them, who may manage what, and keys -> principals.
+
+Keys are `sk-gate-` and 43 random URL-safe characters, shown once; the database keeps
+their SHA-256 (a key has 256 random bits, so a plain hash is enough: nothing to guess)
+and a prefix for listings. An account manages itself (read) and its descendants (read
+and write); the admin key from settings manages everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from decimal import Decimal, InvalidOperation
+from fnmatch import fnmatchcase
+from typing import Any
+
+from .auth import Level, Principal, StaticKeys
+from .errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from .pricing import nanos_from_usd
+from .storage import Account, ApiKey, LedgerRow, Storage, StorageConflict
+
+__all__ = ["AccountKeys", "Accounts", "model_allowed", "new_key"]
+
+KEY_PREFIX = "sk-gate-"
+_SHOWN = len(KEY_PREFIX) + 6  # the prefix listings show: "sk-gate-" and 6 random characters
+_LIMITS = ("rpm", "tpm", "rpd", "max_concurrency")
+_MAX_CACHE = 10_000
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str, str]:
+    """(secret, prefix, digest) of a fresh key."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    return secret, secret[:_SHOWN], digest(secret)
+
+
+def model_allowed(principal: Principal, *names: str | None) -> bool:
+    patterns = principal.allowed_models
+    if patterns is None:
+        return True
+    return any(
+        name is not None and any(fnmatchcase(name, pattern) for pattern in patterns)
+        for name in names
+    )
+
+
+def _tightest(values: Iterable[int | None]) -> int | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _allowed(lists: Iterable[tuple[str, ...] | None]) -> frozenset[str] | None:
+    """The deepest list, less what any level above no longer allows (deepest first)."""
+    allowed: frozenset[str] | None = None
+    for models in lists:
+        if models is None:
+            continue
+        if allowed is None:
+            allowed = frozenset(models)
+        else:
+            allowed = frozenset(m for m in allowed if any(fnmatchcase(m, p) for p in models))
+    return allowed
+
+
+def principal_for(key: ApiKey, chain: list[Account]) -> Principal:
+    holders: list[ApiKey | Account] = [key, *chain]
+    return Principal(
+        id=key.id,
+        key_hint=key.prefix + "...",
+        account_id=key.account_id,
+        key_id=key.id,
+        chain=tuple(Level(a.id, a.multiplier) for a in chain),
+        key_multiplier=key.multiplier,
+        allowed_models=_allowed([key.allowed_models, *(a.allowed_models for a in reversed(chain))]),
+        rpm=_tightest(h.rpm for h in holders),
+        tpm=_tightest(h.tpm for h in holders),
+        rpd=_tightest(h.rpd for h in holders),
+        max_concurrency=_tightest(h.max_concurrency for h in holders),
+        spend_limit=key.spend_limit,
+    )
+
+
+class AccountKeys:
+    """The `Authenticator` for database keys, the admin key and (optionally) settings keys.
+
+    Lookups are cached for `cache_seconds`, so disabling a key or an account takes
+    effect within that bound in every process (at once in the one that did it).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        admin_key: str | None = None,
+        static: StaticKeys | None = None,
+        cache_seconds: float = 5.0,
+    ) -> None:
+        self._storage = storage
+        self._admin = digest(admin_key) if admin_key else None
+        self._static = static
+        self._ttl = cache_seconds
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+    async def authenticate(self, key: str) -> Principal | None:
+        hashed = digest(key)
+        if self._admin is not None and hmac.compare_digest(hashed, self._admin):
+            return Principal(id="admin", key_hint="admin", admin=True)
+        now = time.monotonic()
+        cached = self._cache.get(hashed)
+        if cached is not None and cached[0] > now:
+            principal = cached[1]
+        else:
+            found = await self._lookup(hashed)
+            if found is None:
+                return await self._static.authenticate(key) if self._static else None
+            principal = found
+            if len(self._cache) >= _MAX_CACHE:
+                self._cache.clear()
+            self._cache[hashed] = (now + self._ttl, principal)
+        return principal
+
+    async def _lookup(self, hashed: str) -> Principal | None:
+        key = await self._storage.key_by_digest(hashed)
+        if key is None or not hmac.compare_digest(key.digest, hashed):
+            return None
+        now = time.time()
+        if not key.enabled:
+            raise AuthenticationError(
+                f"The API key '{key.prefix}...' is disabled.", code="key_disabled"
+            )
+        if key.expires_at is not None and key.expires_at <= now:
+            raise AuthenticationError(f"The API key '{key.prefix}...' has expired.", code="key_expired")
+        chain = await self._storage.chain(key.account_id)
+        for account in chain:
+            if not account.enabled or (account.expires_at is not None and account.expires_at <= now):
+                raise AuthenticationError(
+                    f"The account '{account.id}' of this key is disabled or expired.",
+                    code="account_disabled",
+                )
+        return principal_for(key, chain)
+
+
+# Management ---------------------------------------------------------------------------
+
+
+def _positive_int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidRequestError(f"'{name}' must be a positive integer or null.", param=name)
+    return value
+
+
+def _usd(name: str, value: Any, *, negative: bool = False, cap: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequestError(f"'{name}' must be an amount in USD.", param=name)
+    try:
+        nanos = nanos_from_usd(value)
+    except (ValueError, InvalidOperation):
+        raise InvalidRequestError(
+            f"'{name}' must be an amount in USD with at most 9 decimals.", param=name
+        ) from None
+    if nanos == 0 or (nanos < 0 and not negative):
+        raise InvalidRequestError(
+            f"'{name}' must be {'non-zero' if negative else 'positive'}.", param=name
+        )
+    if cap is not None and abs(nanos) > cap:
+        raise InvalidRequestError(
+            f"'{name}' is larger than this gateway allows in one entry.", param=name
+        )
+    return nanos
+
+
+def parse_fields(body: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
+    """Checked account or key fields from a JSON body (USD amounts -> nanodollars)."""
+    known = {"name", "enabled", "expires_at", "allowed_models", "spend_limit_usd", "multiplier", *_LIMITS}
+    unknown = set(body) - known
+    if unknown:
+        raise InvalidRequestError(
+            f"Unknown field(s): {', '.join(sorted(unknown))}.", param=sorted(unknown)[0]
+        )
+    fields: dict[str, Any] = {}
+    if "name" in body or creating:
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise InvalidRequestError("'name' must be a non-empty string.", param="name")
+        fields["name"] = name.strip()
+    if "enabled" in body:
+        if not isinstance(body["enabled"], bool):
+            raise InvalidRequestError("'enabled' must be a boolean.", param="enabled")
+        fields["enabled"] = body["enabled"]
+    if "expires_at" in body:
+        value = body["expires_at"]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InvalidRequestError(
+                "'expires_at' must be a Unix time in seconds or null.", param="expires_at"
+            )
+        fields["expires_at"] = None if value is None else float(value)
+    if "allowed_models" in body:
+        models = body["allowed_models"]
+        if models is not None and (
+            not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
+        ):
+            raise InvalidRequestError(
+                "'allowed_models' must be a list of model names (or patterns like 'openai/*').",
+                param="allowed_models",
+            )
+        fields["allowed_models"] = None if models is None else tuple(models)
+    for name in _LIMITS:
+        if name in body:
+            fields[name] = _positive_int(name, body[name])
+    if "spend_limit_usd" in body:
+        value = body["spend_limit_usd"]
+        fields["spend_limit"] = None if value is None else max(0, _usd("spend_limit_usd", value))
+    if "multiplier" in body:
+        value = body["multiplier"]
+        try:
+            multiplier = Decimal(str(value)) if not isinstance(value, bool) else Decimal(-1)
+        except InvalidOperation:
+            multiplier = Decimal(-1)
+        if not multiplier.is_finite() or not Decimal("0.001") <= multiplier <= 1000:
+            raise InvalidRequestError(
+                "'multiplier' must be a number between 0.001 and 1000.", param="multiplier"
+            )
+        fields["multiplier"] = multiplier
+    return fields
+
+
+class Accounts:
+    """Account and key operations on behalf of a caller, with the scope checks."""
+
+    def __init__(
+        self, storage: Storage, *, max_credit: int, on_change: Any = None
+    ) -> None:
+        self.storage = storage
+        self._max_credit = max_credit
+        self._on_change = on_change
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    async def get(self, actor: Principal, account_id: str, *, write: bool = False) -> Account:
+        """The account, if the actor may see it (or change it, with `write`)."""
+        chain = await self.storage.chain(account_id)
+        if not chain:
+            raise NotFoundError(f"No account '{account_id}'.", code="account_not_found")
+        if actor.admin:
+            return chain[-1]
+        ids = [a.id for a in chain]
+        if actor.account_id not in ids:
+            raise NotFoundError(f"No account '{account_id}'.", code="account_not_found")
+        if write and account_id == actor.account_id:
+            raise PermissionDeniedError(
+                "An account cannot change its own balance or limits; its parent (or the "
+                "admin) does."
+            )
+        return chain[-1]
+
+    def home(self, actor: Principal) -> str:
+        if actor.account_id is None:
+            raise InvalidRequestError(
+                "This key has no account: name one with 'account_id'.", param="account_id"
+            )
+        return actor.account_id
+
+    async def create_account(self, actor: Principal, body: Mapping[str, Any]) -> Account:
+        body = dict(body)
+        parent_id = body.pop("parent_id", None)
+        if parent_id is None and not actor.admin:
+            parent_id = self.home(actor)
+        if parent_id is not None and not isinstance(parent_id, str):
+            raise InvalidRequestError("'parent_id' must be an account id.", param="parent_id")
+        fields = parse_fields(body, creating=True)
+        if parent_id is not None:
+            parent = await self.get(actor, parent_id)
+            _within_parent(fields, parent)
+        account = Account(
+            id=f"acct_{uuid.uuid4().hex[:16]}",
+            parent_id=parent_id,
+            created_at=time.time(),
+            **fields,
+        )
+        await self.storage.add_account(account)
+        return account
+
+    async def update_account(
+        self, actor: Principal, account_id: str, body: Mapping[str, Any]
+    ) -> Account:
+        account = await self.get(actor, account_id, write=True)
+        fields = parse_fields(body, creating=False)
+        if account.parent_id is not None:
+            parent = await self.storage.account(account.parent_id)
+            assert parent is not None
+            _within_parent(fields, parent)
+        try:
+            updated = await self.storage.update_account(account_id, fields)
+        except StorageConflict as exc:
+            raise InvalidRequestError(str(exc), param="spend_limit_usd", code="below_spent") from None
+        self._changed()
+        return updated
+
+    async def create_key(
+        self, actor: Principal, account_id: str, body: Mapping[str, Any]
+    ) -> tuple[ApiKey, str]:
+        account = await self.get(actor, account_id)
+        fields = parse_fields(body, creating=True)
+        _within_parent(fields, account)
+        secret, prefix, hashed = new_key()
+        key = ApiKey(
+            id=f"key_{uuid.uuid4().hex[:16]}",
+            account_id=account_id,
+            prefix=prefix,
+            digest=hashed,
+            created_at=time.time(),
+            **fields,
+        )
+        await self.storage.add_key(key)
+        return key, secret
+
+    async def key(self, actor: Principal, key_id: str) -> ApiKey:
+        key = await self.storage.key(key_id)
+        if key is None:
+            raise NotFoundError(f"No key '{key_id}'.", code="key_not_found")
+        try:
+            await self.get(actor, key.account_id)
+        except NotFoundError:
+            raise NotFoundError(f"No key '{key_id}'.", code="key_not_found") from None
+        return key
+
+    async def update_key(self, actor: Principal, key_id: str, body: Mapping[str, Any]) -> ApiKey:
+        key = await self.key(actor, key_id)
+        fields = parse_fields(body, creating=False)
+        account = await self.storage.account(key.account_id)
+        assert account is not None
+        _within_parent(fields, account)
+        try:
+            updated = await self.storage.update_key(key_id, fields)
+        except StorageConflict as exc:
+            raise InvalidRequestError(str(exc), param="spend_limit_usd", code="below_spent") from None
+        self._changed()
+        return updated
+
+    async def credit(
+        self, actor: Principal, account_id: str, body: Mapping[str, Any], *, kind: str
+    ) -> Account:
+        """A top-up (positive) or an adjustment (either sign), as a ledger entry."""
+        account = await self.get(actor, account_id, write=True)
+        extra = set(body) - {"amount_usd", "note"}
+        if extra:
+            raise InvalidRequestError(f"Unknown field(s): {', '.join(sorted(extra))}.")
+        if "amount_usd" not in body:
+            raise InvalidRequestError("Missing required parameter: 'amount_usd'.", param="amount_usd")
+        amount = _usd(
+            "amount_usd", body["amount_usd"], negative=kind == "adjustment", cap=self._max_credit
+        )
+        note = body.get("note")
+        if note is not None and (not isinstance(note, str) or len(note) > 500):
+            raise InvalidRequestError("'note' must be a string (500 characters at most).", param="note")
+        row = LedgerRow(
+            id=f"{kind}_{uuid.uuid4().hex}",
+            account_id=account_id,
+            kind=kind,  # type: ignore[arg-type]
+            created=time.time(),
+            amount=amount,
+            source_account_id=account_id,
+            key_id=actor.key_id,
+            key_prefix=None if actor.admin else actor.key_hint.removesuffix("..."),
+            actor="admin" if actor.admin else actor.account_id,
+            note=note,
+        )
+        try:
+            return await self.storage.credit(row, within=account.parent_id)
+        except StorageConflict as exc:
+            code = "insufficient_parent_balance" if "parent" in str(exc) else "negative_balance"
+            raise InvalidRequestError(str(exc), param="amount_usd", code=code) from None
+
+
+def _within_parent(fields: Mapping[str, Any], parent: Account) -> None:
+    """A child (account or key) gets no looser limits than the account above it."""
+    for name in _LIMITS:
+        mine, theirs = fields.get(name), getattr(parent, name)
+        if mine is not None and theirs is not None and mine > theirs:
+            raise InvalidRequestError(
+                f"'{name}' ({mine}) is above the parent's ({theirs}).", param=name
+            )
+    if fields.get("spend_limit") is not None and parent.spend_limit is not None:
+        if fields["spend_limit"] > parent.spend_limit:
+            raise InvalidRequestError(
+                "'spend_limit_usd' is above the parent's spend limit.", param="spend_limit_usd"
+            )
+    models = fields.get("allowed_models")
+    if models is not None and parent.allowed_models is not None:
+        outside = [
+            m for m in models if not any(fnmatchcase(m, p) for p in parent.allowed_models)
+        ]
+        if outside:
+            raise InvalidRequestError(
+                f"The parent does not allow: {', '.join(outside)}.", param="allowed_models"
+            )

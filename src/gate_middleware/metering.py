@@ -1,0 +1,140 @@
+"""Metering: what a request cost at each level, and the ledger rows, written in batches.
+
+`LedgerWriter.add` is a list append on the request's path; a background task writes
+the batch (rows and the balance changes with them, in one transaction) every
+`interval` or as soon as `batch` rows wait. `stop` writes whatever is left, so a
+graceful shutdown loses no row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from decimal import Decimal
+
+from .pricing import Price, level_costs
+from .record import RequestRecord
+from .storage import LedgerRow, LedgerStore, Spend
+
+__all__ = ["LedgerWriter", "ledger_rows", "request_cost"]
+
+logger = logging.getLogger("gate_middleware.ledger")
+
+
+def request_cost(record: RequestRecord, price: Price | None) -> list[int]:
+    """Per level of the caller's chain, root first; estimates usage the upstream withheld."""
+    if not record.usage_reported and record.status in (200, 499):
+        record.prompt_tokens = record.prompt_tokens or record.estimated_prompt_tokens
+        record.completion_tokens = record.completion_tokens or record.estimated_completion_tokens
+    if price is None:
+        return [0] * len(record.principal.chain)
+    base: Decimal = price.cost(record.prompt_tokens, record.completion_tokens, record.cached_tokens)
+    return level_costs(base, record.principal)
+
+
+def ledger_rows(record: RequestRecord, costs: Sequence[int], now: float) -> list[LedgerRow]:
+    """One row per level (each with what that level was charged), or one without account."""
+    principal = record.principal
+    levels = [level.account_id for level in principal.chain] or [None]
+    costs = list(costs) or [0]
+    return [
+        LedgerRow(
+            id=record.request_id,
+            account_id=account_id,
+            kind="request",
+            created=now,
+            amount=cost,
+            source_account_id=principal.account_id,
+            key_id=principal.key_id,
+            key_prefix=principal.key_hint.removesuffix("..."),
+            model=record.model or None,
+            model_id=record.model_id,
+            provider=record.provider,
+            upstream_model=record.upstream_model,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            cached_tokens=record.cached_tokens,
+            reasoning_tokens=record.reasoning_tokens,
+            latency_ms=record.latency_ms,
+            ttft_ms=record.ttft_ms,
+            status=record.status,
+            error_code=record.error_code,
+            attempts=record.attempts,
+            app=record.app,
+            stream=record.stream,
+            estimated=not record.usage_reported and record.status in (200, 499),
+        )
+        for account_id, cost in zip(levels, costs)
+    ]
+
+
+class LedgerWriter:
+    def __init__(self, storage: LedgerStore, *, batch: int = 1000, interval: float = 0.2) -> None:
+        self._storage = storage
+        self._batch = batch
+        self._interval = interval
+        self._rows: list[LedgerRow] = []
+        self._spends: dict[tuple[str, str, str | None], int] = {}
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._rows)
+
+    def add(self, rows: Sequence[LedgerRow], spends: Sequence[Spend] = ()) -> None:
+        self._rows.extend(rows)
+        for spend in spends:
+            key = (spend.target, spend.target_id, spend.lease_id)
+            self._spends[key] = self._spends.get(key, 0) + spend.amount
+        if len(self._rows) >= self._batch:
+            self._wake.set()
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="gate-ledger-writer")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await self.flush()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                # The batch stays queued; the next round tries again.
+                logger.exception("Writing %d ledger rows failed; will retry.", self.pending)
+
+    async def flush(self) -> None:
+        """Write everything queued so far; waits for a write already under way."""
+        async with self._lock:
+            while self._rows or self._spends:
+                rows, self._rows = self._rows[: self._batch * 4], self._rows[self._batch * 4 :]
+                spends = (
+                    [Spend(t, i, amount, lease) for (t, i, lease), amount in self._spends.items()]
+                    if not self._rows
+                    else []
+                )
+                if spends:
+                    self._spends = {}
+                try:
+                    await self._storage.write(rows, spends)
+                except BaseException:
+                    self._rows[:0] = rows
+                    for spend in spends:
+                        key = (spend.target, spend.target_id, spend.lease_id)
+                        self._spends[key] = self._spends.get(key, 0) + spend.amount
+                    raise

@@ -1,0 +1,184 @@
+"""Quotas without overspend, with no database call on the hot path.
+
+Each process keeps a `Purse` per account (and per key with a spend limit). A purse
+holds money leased from the database by one conditional UPDATE (`leased += x WHERE
+budget - spent - leased >= x`), so the leases of all processes together never exceed
+what the account may spend. A request holds the most it can cost from the purse of
+every level of its chain (in memory, no await), and on settlement gives back the
+hold and spends the real cost; the spend reaches the database with the ledger rows,
+taken off the lease in the same transaction. Idle leases go back; a dead process's
+leases expire and are reclaimed by the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .errors import InsufficientQuotaError
+from .metering import LedgerWriter
+from .storage import BalanceStore, Lease, Spend, Target
+
+__all__ = ["LeaseBook", "Purse"]
+
+logger = logging.getLogger("gate_middleware.quota")
+
+
+@dataclass(slots=True)
+class Purse:
+    target: Target
+    target_id: str
+    free: int = 0  # leased, not held, not spent
+    held: int = 0
+    leases: list[Lease] = field(default_factory=list)
+    used: float = 0.0  # monotonic time of the last hold
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def spend(self, cost: int) -> list[Spend]:
+        """Take the cost off the leases, oldest first (each lease's `amount` here is what
+        is left of it); the part no lease covers is spent all the same."""
+        spends = []
+        for lease in self.leases:
+            if cost <= 0:
+                break
+            take = min(cost, lease.amount)
+            if take > 0:
+                lease.amount -= take
+                cost -= take
+                spends.append(Spend(self.target, self.target_id, take, lease.id))
+        if cost > 0:
+            spends.append(Spend(self.target, self.target_id, cost))
+        return spends
+
+
+Hold = tuple[Purse, int]
+
+
+class LeaseBook:
+    """This process's purses. `hold` and `settle` are the request path."""
+
+    def __init__(
+        self,
+        storage: BalanceStore,
+        writer: LedgerWriter,
+        *,
+        slice_nanos: int,
+        lease_seconds: float,
+    ) -> None:
+        self._storage = storage
+        self._writer = writer
+        self._slice = slice_nanos
+        self._seconds = lease_seconds
+        self.owner = f"proc_{uuid.uuid4().hex[:12]}"
+        self._purses: dict[tuple[Target, str], Purse] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def purse(self, target: Target, target_id: str) -> Purse:
+        key = (target, target_id)
+        purse = self._purses.get(key)
+        if purse is None:
+            purse = self._purses[key] = Purse(target, target_id)
+        return purse
+
+    async def hold(self, wanted: list[tuple[Purse, int]]) -> list[Hold]:
+        """Hold each amount from its purse, or none of them (402)."""
+        taken: list[Hold] = []
+        try:
+            for purse, amount in wanted:
+                if purse.free < amount:
+                    await self._top_up(purse, amount)
+                purse.free -= amount
+                purse.held += amount
+                purse.used = time.monotonic()
+                taken.append((purse, amount))
+        except BaseException:
+            for purse, amount in taken:
+                purse.free += amount
+                purse.held -= amount
+            raise
+        return taken
+
+    async def _top_up(self, purse: Purse, amount: int) -> None:
+        async with purse.lock:
+            if purse.free >= amount:
+                return  # another request leased meanwhile
+            need = amount - purse.free
+            lease = await self._storage.lease(
+                purse.target,
+                purse.target_id,
+                need=need,
+                want=max(need, self._slice),
+                owner=self.owner,
+                expires_at=time.time() + self._seconds,
+            )
+            if lease is None:
+                what = "account" if purse.target == "account" else "API key"
+                raise InsufficientQuotaError(
+                    f"The {what} '{purse.target_id}' has not enough balance left for this "
+                    "request (its most possible cost is held before the call). Top it up, "
+                    "or ask for fewer max_tokens.",
+                )
+            purse.leases.append(lease)
+            purse.free += lease.amount
+
+    def settle(self, holds: list[Hold], costs: list[int]) -> list[Spend]:
+        """Give back each hold and spend the real cost; no await, so nothing interleaves."""
+        spends = []
+        now = time.monotonic()
+        for (purse, held), cost in zip(holds, costs):
+            purse.held -= held
+            purse.free += held - cost
+            purse.used = now
+            spends.extend(purse.spend(cost))
+        return spends
+
+    # Lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._maintain(), name="gate-leases")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self._writer.flush()
+        for purse in list(self._purses.values()):
+            await self._return(purse)
+
+    async def _maintain(self) -> None:
+        """Renew leases in use, return idle ones, reclaim those of dead processes."""
+        while True:
+            await asyncio.sleep(self._seconds / 3)
+            try:
+                await self.tidy()
+            except Exception:
+                logger.exception("Lease upkeep failed; will retry.")
+
+    async def tidy(self) -> None:
+        idle_after = time.monotonic() - self._seconds / 3
+        renew = []
+        for purse in list(self._purses.values()):
+            if purse.held == 0 and purse.used < idle_after:
+                await self._return(purse)
+            else:
+                renew.extend(lease.id for lease in purse.leases)
+        if renew:
+            await self._storage.renew(renew, time.time() + self._seconds)
+        # Another process's lease is taken back only long after it stopped renewing.
+        await self._storage.reclaim(time.time() - self._seconds)
+
+    async def _return(self, purse: Purse) -> None:
+        if not purse.leases or purse.held:
+            return
+        leases, purse.leases, purse.free = purse.leases, [], 0
+        # Spends against these leases must reach the database before they go back.
+        await self._writer.flush()
+        for lease in leases:
+            await self._storage.release(lease.id)

@@ -1,0 +1,397 @@
+"""SQLite storage: the embedded default (`sqlite:///gate.db`), stdlib `sqlite3`.
+
+One connection in WAL mode, used from worker threads one call at a time (SQLite has
+one writer anyway); every write is a `BEGIN IMMEDIATE` transaction, so several
+processes may share the file: the others wait on `busy_timeout`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ._common import (
+    ACCOUNT_COLUMNS,
+    KEY_COLUMNS,
+    LEDGER_COLUMNS,
+    MIGRATIONS,
+    check_spend_limit,
+    decode_account,
+    decode_key,
+    decode_row,
+    encode,
+    group_key,
+    settable,
+    where,
+)
+from .base import (
+    Account,
+    ApiKey,
+    Group,
+    Lease,
+    LedgerQuery,
+    LedgerRow,
+    Spend,
+    StorageConflict,
+    Target,
+)
+
+__all__ = ["SQLiteStorage", "migrate"]
+
+T = TypeVar("T")
+
+_ACCOUNTS = ", ".join(ACCOUNT_COLUMNS)
+_KEYS = ", ".join(KEY_COLUMNS)
+_LEDGER = ", ".join(LEDGER_COLUMNS)
+_INSERT_ROW = (
+    f"INSERT INTO ledger ({_LEDGER}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})"
+)
+_BUDGET = {
+    "account": "MIN(credits, COALESCE(spend_limit, credits)) - spent - leased",
+    "key": "COALESCE(spend_limit, 4611686018427387904) - spent - leased",
+}
+_TABLE = {"account": "accounts", "key": "api_keys"}
+
+
+def migrate(conn: sqlite3.Connection, steps: Sequence[Sequence[str]] = MIGRATIONS) -> int:
+    """Bring the schema to `len(steps)`; returns the version found before."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        found = row[0] if row else 0
+        if found > len(steps):
+            raise RuntimeError(
+                f"The database schema is version {found}, newer than this gate-middleware "
+                f"({len(steps)}): upgrade gate-middleware."
+            )
+        for step in steps[found:]:
+            for statement in step:
+                conn.execute(statement.format(serial="INTEGER PRIMARY KEY", real="REAL"))
+        if row is None:
+            conn.execute("INSERT INTO schema_version VALUES (?)", (len(steps),))
+        else:
+            conn.execute("UPDATE schema_version SET version = ?", (len(steps),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return int(found)
+
+
+def connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class SQLiteStorage:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStorage:
+        """`sqlite:///relative.db`, `sqlite:////absolute.db`, `sqlite:///:memory:`."""
+        return cls(url.removeprefix("sqlite://").removeprefix("/") or ":memory:")
+
+    async def open(self) -> None:
+        if self._conn is None:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._conn = await anyio.to_thread.run_sync(connect, self.path)
+            await self._run(migrate)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await anyio.to_thread.run_sync(conn.close, limiter=self._limiter)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("The storage is not open.")
+        return await anyio.to_thread.run_sync(fn, conn, *args, limiter=self._limiter)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        return await self._run(lambda conn: conn.execute(sql, args).fetchall())
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def transaction(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._run(transaction)
+
+    # Accounts and keys ------------------------------------------------------------
+
+    async def add_account(self, account: Account) -> None:
+        values = [encode(n, getattr(account, n)) for n in ACCOUNT_COLUMNS]
+        sql = f"INSERT INTO accounts ({_ACCOUNTS}) VALUES ({', '.join('?' * len(values))})"
+        try:
+            await self._write(lambda conn: conn.execute(sql, values))
+        except sqlite3.IntegrityError as exc:
+            raise StorageConflict(f"Cannot add account {account.id!r}: {exc}.") from None
+
+    async def account(self, account_id: str) -> Account | None:
+        rows = await self._fetch(f"SELECT {_ACCOUNTS} FROM accounts WHERE id = ?", account_id)
+        return decode_account(rows[0]) if rows else None
+
+    async def chain(self, account_id: str) -> list[Account]:
+        columns = ", ".join(f"a.{c}" for c in ACCOUNT_COLUMNS)
+        rows = await self._fetch(
+            f"""WITH RECURSIVE up(id, depth) AS (
+                    SELECT id, 0 FROM accounts WHERE id = ?
+                    UNION ALL
+                    SELECT a.parent_id, up.depth + 1 FROM accounts a JOIN up ON a.id = up.id
+                    WHERE a.parent_id IS NOT NULL)
+                SELECT {columns} FROM up JOIN accounts a ON a.id = up.id ORDER BY up.depth DESC""",
+            account_id,
+        )
+        return [decode_account(row) for row in rows]
+
+    async def children(self, parent_id: str | None) -> list[Account]:
+        rows = await self._fetch(
+            f"SELECT {_ACCOUNTS} FROM accounts WHERE parent_id IS ? ORDER BY created_at, id",
+            parent_id,
+        )
+        return [decode_account(row) for row in rows]
+
+    async def update_account(self, account_id: str, changes: Mapping[str, Any]) -> Account:
+        await self._update("accounts", account_id, changes)
+        account = await self.account(account_id)
+        assert account is not None
+        return account
+
+    async def add_key(self, key: ApiKey) -> None:
+        values = [encode(n, getattr(key, n)) for n in KEY_COLUMNS]
+        sql = f"INSERT INTO api_keys ({_KEYS}) VALUES ({', '.join('?' * len(values))})"
+        try:
+            await self._write(lambda conn: conn.execute(sql, values))
+        except sqlite3.IntegrityError as exc:
+            raise StorageConflict(f"Cannot add the key: {exc}.") from None
+
+    async def key(self, key_id: str) -> ApiKey | None:
+        rows = await self._fetch(f"SELECT {_KEYS} FROM api_keys WHERE id = ?", key_id)
+        return decode_key(rows[0]) if rows else None
+
+    async def key_by_digest(self, digest: str) -> ApiKey | None:
+        rows = await self._fetch(f"SELECT {_KEYS} FROM api_keys WHERE digest = ?", digest)
+        return decode_key(rows[0]) if rows else None
+
+    async def keys(self, account_id: str) -> list[ApiKey]:
+        rows = await self._fetch(
+            f"SELECT {_KEYS} FROM api_keys WHERE account_id = ? ORDER BY created_at, id",
+            account_id,
+        )
+        return [decode_key(row) for row in rows]
+
+    async def update_key(self, key_id: str, changes: Mapping[str, Any]) -> ApiKey:
+        await self._update("api_keys", key_id, changes)
+        key = await self.key(key_id)
+        assert key is not None
+        return key
+
+    async def _update(self, table: str, row_id: str, changes: Mapping[str, Any]) -> None:
+        changes = settable(changes)
+
+        def update(conn: sqlite3.Connection) -> None:
+            found = conn.execute(
+                f"SELECT spent + leased FROM {table} WHERE id = ?", (row_id,)
+            ).fetchone()
+            if found is None:
+                raise StorageConflict(f"{row_id!r} does not exist.")
+            if "spend_limit" in changes:
+                check_spend_limit(changes["spend_limit"], found[0])
+            if changes:
+                assignments = ", ".join(f"{name} = ?" for name in changes)
+                values = [encode(n, v) for n, v in changes.items()]
+                conn.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", (*values, row_id))
+
+        await self._write(update)
+
+    # Ledger -----------------------------------------------------------------------
+
+    async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+        values = [
+            tuple(encode(n, getattr(row, n)) for n in LEDGER_COLUMNS) for row in rows
+        ]
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(_INSERT_ROW, values)
+            for spend in spends:
+                _apply_spend(conn, spend)
+
+        await self._write(write)
+
+    async def rows(self, query: LedgerQuery) -> list[LedgerRow]:
+        clause, args = where(query, lambda n: "?")
+        found = await self._fetch(
+            f"SELECT {_LEDGER}, seq FROM ledger WHERE {clause} ORDER BY seq DESC LIMIT ?",
+            *args,
+            query.limit,
+        )
+        return [decode_row(row) for row in found]
+
+    async def overview(self, query: LedgerQuery, group_by: str) -> list[Group]:
+        column = group_key(group_by)
+        key = "strftime('%Y-%m-%d', created, 'unixepoch')" if group_by == "day" else column
+        clause, args = where(query, lambda n: "?")
+        found = await self._fetch(
+            f"""SELECT {key} AS k, COUNT(*), SUM(amount), SUM(prompt_tokens),
+                    SUM(completion_tokens), SUM(cached_tokens), SUM(reasoning_tokens),
+                    SUM(status >= 400)
+                FROM ledger WHERE {clause} AND kind = 'request'
+                GROUP BY k ORDER BY k IS NULL, k""",
+            *args,
+        )
+        return [Group(row[0], *(int(v or 0) for v in row[1:])) for row in found]
+
+    async def by_request(self, request_id: str, account_id: str) -> LedgerRow | None:
+        found = await self._fetch(
+            f"SELECT {_LEDGER}, seq FROM ledger WHERE id = ? AND account_id = ? "
+            "ORDER BY seq LIMIT 1",
+            request_id,
+            account_id,
+        )
+        return decode_row(found[0]) if found else None
+
+    # Balances ---------------------------------------------------------------------
+
+    async def credit(self, row: LedgerRow, *, within: str | None = None) -> Account:
+        values = tuple(encode(n, getattr(row, n)) for n in LEDGER_COLUMNS)
+
+        def credit(conn: sqlite3.Connection) -> None:
+            if within is not None and row.amount > 0:
+                parent = conn.execute(
+                    f"SELECT {_BUDGET['account']} FROM accounts WHERE id = ?", (within,)
+                ).fetchone()
+                if parent is None or parent[0] < row.amount:
+                    raise StorageConflict("The parent account does not have that much available.")
+            done = conn.execute(
+                f"UPDATE accounts SET credits = credits + ? WHERE id = ? "
+                f"AND (? >= 0 OR {_BUDGET['account']} + ? >= 0)",
+                (row.amount, row.account_id, row.amount, row.amount),
+            )
+            if done.rowcount != 1:
+                exists = conn.execute(
+                    "SELECT 1 FROM accounts WHERE id = ?", (row.account_id,)
+                ).fetchone()
+                raise StorageConflict(
+                    "The adjustment would leave a negative balance."
+                    if exists
+                    else f"Account {row.account_id!r} does not exist."
+                )
+            conn.execute(_INSERT_ROW, values)
+
+        await self._write(credit)
+        account = await self.account(row.account_id or "")
+        assert account is not None
+        return account
+
+    async def lease(
+        self,
+        target: Target,
+        target_id: str,
+        *,
+        need: int,
+        want: int,
+        owner: str,
+        expires_at: float,
+    ) -> Lease | None:
+        table, available = _TABLE[target], _BUDGET[target]
+        lease_id = f"lease_{uuid.uuid4().hex}"
+
+        def take(conn: sqlite3.Connection) -> int | None:
+            # BEGIN IMMEDIATE holds the write lock, so the amount read here is still
+            # true below; the conditional UPDATE is the guard all the same.
+            found = conn.execute(
+                f"SELECT {available} FROM {table} WHERE id = ?", (target_id,)
+            ).fetchone()
+            if found is None or found[0] < need:
+                return None
+            amount = min(want, found[0])
+            done = conn.execute(
+                f"UPDATE {table} SET leased = leased + ? WHERE id = ? AND {available} >= ?",
+                (amount, target_id, amount),
+            )
+            if done.rowcount != 1:
+                return None
+            conn.execute(
+                "INSERT INTO leases (id, target, target_id, owner, amount, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (lease_id, target, target_id, owner, amount, expires_at),
+            )
+            return amount
+
+        amount = await self._write(take)
+        if amount is None:
+            return None
+        return Lease(lease_id, target, target_id, owner, amount, expires_at)
+
+    async def renew(self, lease_ids: Sequence[str], expires_at: float) -> None:
+        await self._write(
+            lambda conn: conn.executemany(
+                "UPDATE leases SET expires_at = ? WHERE id = ?",
+                [(expires_at, lease_id) for lease_id in lease_ids],
+            )
+        )
+
+    async def release(self, lease_id: str) -> None:
+        await self._write(lambda conn: _release(conn, lease_id))
+
+    async def reclaim(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+
+        def reclaim(conn: sqlite3.Connection) -> int:
+            expired = conn.execute("SELECT id FROM leases WHERE expires_at < ?", (now,))
+            ids = [row[0] for row in expired.fetchall()]
+            for lease_id in ids:
+                _release(conn, lease_id)
+            return len(ids)
+
+        return await self._write(reclaim)
+
+
+def _apply_spend(conn: sqlite3.Connection, spend: Spend) -> None:
+    taken = 0
+    if spend.lease_id is not None:
+        found = conn.execute(
+            "SELECT amount FROM leases WHERE id = ?", (spend.lease_id,)
+        ).fetchone()
+        if found is not None:
+            taken = min(spend.amount, found[0])
+            conn.execute(
+                "UPDATE leases SET amount = amount - ? WHERE id = ?", (taken, spend.lease_id)
+            )
+    conn.execute(
+        f"UPDATE {_TABLE[spend.target]} SET spent = spent + ?, leased = leased - ? WHERE id = ?",
+        (spend.amount, taken, spend.target_id),
+    )
+
+
+def _release(conn: sqlite3.Connection, lease_id: str) -> None:
+    found = conn.execute(
+        "DELETE FROM leases WHERE id = ? RETURNING target, target_id, amount", (lease_id,)
+    ).fetchone()
+    if found is not None:
+        target, target_id, amount = found
+        conn.execute(
+            f"UPDATE {_TABLE[target]} SET leased = leased - ? WHERE id = ?", (amount, target_id)
+        )

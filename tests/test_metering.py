@@ -1,0 +1,300 @@
+"""Keys from the database, prices, the ledger and quotas, as a caller sees them."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import httpx2
+import openai
+import pytest
+
+from gate_middleware import Gateway
+from gate_middleware.storage import LedgerQuery, LedgerRow
+from gate_middleware.testing import FakeUpstream
+from gate_middleware.tokens import estimate_prompt_tokens
+
+from .conftest import BACKENDS, fund, make_billing_gateway, mounted, sdk
+
+MESSAGES = [{"role": "user", "content": "Say hello to the ledger."}]
+PROMPT = estimate_prompt_tokens({"messages": MESSAGES})
+# openai/gpt-4.1: 2 USD / 8 USD per million tokens = 2000 / 8000 nanodollars per token.
+IN, OUT = 2000, 8000
+
+
+async def ledger(gateway: Gateway, account_id: str, **filters: object) -> list[LedgerRow]:
+    assert gateway.accounting is not None
+    await gateway.accounting.writer.flush()
+    return await gateway.accounting.storage.rows(LedgerQuery(account_id=account_id, **filters))  # type: ignore[arg-type]
+
+
+async def balance(gateway: Gateway, account_id: str) -> tuple[int, int]:
+    assert gateway.accounting is not None
+    await gateway.accounting.writer.flush()
+    account = await gateway.accounting.storage.account(account_id)
+    assert account is not None
+    return account.credits, account.spent
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+async def test_a_request_is_charged_exactly_and_ledgered(
+    upstream: FakeUpstream, database_url: str
+) -> None:
+    gateway = make_billing_gateway(upstream, database_url)
+    async with gateway:
+        account, secret = await fund(gateway, "10")
+        assert secret.startswith("sk-gate-") and len(secret) > 40
+        client = sdk(mounted(gateway), key=secret)
+        answer = await client.chat.completions.create(
+            model="openai/gpt-4.1", messages=MESSAGES, max_tokens=7,
+            extra_headers={"x-title": "Ledger Test"},
+        )
+        assert answer.usage is not None and answer.usage.completion_tokens == 7
+        rows = await ledger(gateway, account, kind="request")
+        assert len(rows) == 1
+        row = rows[0]
+        assert row.amount == PROMPT * IN + 7 * OUT
+        assert (row.prompt_tokens, row.completion_tokens) == (PROMPT, 7)
+        assert row.status == 200 and row.model_id == "openai/gpt-4.1" and row.provider == "openai"
+        assert row.upstream_model == "gpt-4.1" and row.app == "Ledger Test"
+        assert row.key_prefix and secret.startswith(row.key_prefix) and len(row.key_prefix) < 20
+        assert row.latency_ms is not None and not row.estimated and row.attempts >= 0
+        assert await balance(gateway, account) == (10 * 10**9, row.amount)
+
+
+async def test_sub_accounts_pay_their_parents_price_at_every_level(
+    upstream: FakeUpstream, tmp_path: object
+) -> None:
+    gateway = make_billing_gateway(upstream, "memory://")
+    async with gateway:
+        parent, _ = await fund(gateway, "10", multiplier="1.5")
+        child, secret = await fund(gateway, "2", parent=parent, multiplier="2")
+        grandchild, leaf = await fund(gateway, "1", parent=child, multiplier="1.1")
+        await sdk(mounted(gateway), key=leaf).chat.completions.create(
+            model="openai/gpt-4.1", messages=MESSAGES, max_tokens=3
+        )
+        base = PROMPT * IN + 3 * OUT
+        charged = {
+            acct: (await ledger(gateway, acct, kind="request"))[0].amount
+            for acct in (parent, child, grandchild)
+        }
+        assert charged == {
+            parent: round(base * Decimal("1.5")),
+            child: round(base * Decimal("3")),
+            grandchild: round(base * Decimal("3.3")),
+        }
+        for acct, cost in charged.items():
+            assert (await balance(gateway, acct))[1] == cost
+        row = (await ledger(gateway, parent, kind="request"))[0]
+        assert row.source_account_id == grandchild
+
+
+async def test_short_balance_is_402_insufficient_quota_and_still_ledgered(
+    upstream: FakeUpstream,
+) -> None:
+    gateway = make_billing_gateway(upstream, "memory://")
+    async with gateway:
+        # Enough for the prompt, not for 1000 completion tokens.
+        account, secret = await fund(gateway, "0.001")
+        client = sdk(mounted(gateway), key=secret)
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.chat.completions.create(
+                model="openai/gpt-4.1", messages=MESSAGES, max_tokens=1000
+            )
+        assert refused.value.status_code == 402
+        assert refused.value.code == "insufficient_quota"
+        assert refused.value.body["type"] == "insufficient_quota"  # type: ignore[index]
+        assert upstream.requests == []
+        ok = await client.chat.completions.create(
+            model="openai/gpt-4.1", messages=MESSAGES, max_tokens=10
+        )
+        assert ok.choices
+        rows = await ledger(gateway, account, kind="request")
+        assert [(r.status, r.error_code) for r in rows] == [(200, None), (402, "insufficient_quota")]
+        assert rows[1].amount == 0
+
+
+async def test_parent_balance_bounds_a_child(upstream: FakeUpstream) -> None:
+    gateway = make_billing_gateway(upstream, "memory://")
+    async with gateway:
+        parent, _ = await fund(gateway, "0.0001")
+        child, secret = await fund(gateway, None, parent=parent)
+        assert gateway.accounting is not None
+        # The child has money of its own, but its parent cannot pay for the request.
+        storage = gateway.accounting.storage
+        await storage.credit(LedgerRow(id="gift", account_id=child, kind="adjustment", amount=10**9))
+        with pytest.raises(openai.APIStatusError) as refused:
+            await sdk(mounted(gateway), key=secret).chat.completions.create(
+                model="openai/gpt-4.1", messages=MESSAGES, max_tokens=100
+            )
+        assert refused.value.status_code == 402 and parent in refused.value.message
+
+
+async def test_disabled_expired_and_restricted_keys(upstream: FakeUpstream) -> None:
+    gateway = make_billing_gateway(upstream, "memory://")
+    async with gateway:
+        account, secret = await fund(gateway, "1", key={"allowed_models": ["openai/gpt-4o*"]})
+        client = sdk(mounted(gateway), key=secret)
+        await client.chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES)
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            await client.chat.completions.create(model="openai/gpt-4.1", messages=MESSAGES)
+        assert denied.value.code == "model_not_allowed"
+
+        assert gateway.accounting is not None
+        accounts = gateway.accounting.accounts
+        from gate_middleware.auth import Principal
+
+        admin = Principal(id="admin", key_hint="admin", admin=True)
+        [key] = await gateway.accounting.storage.keys(account)
+        await accounts.update_key(admin, key.id, {"enabled": False})
+        with pytest.raises(openai.AuthenticationError) as disabled:
+            await client.models.list()
+        assert disabled.value.code == "key_disabled"
+        assert secret not in str(disabled.value.body)
+        await accounts.update_key(admin, key.id, {"enabled": True, "expires_at": 1.0})
+        with pytest.raises(openai.AuthenticationError) as expired:
+            await client.models.list()
+        assert expired.value.code == "key_expired"
+        await accounts.update_key(admin, key.id, {"expires_at": None})
+        await accounts.update_account(admin, account, {"enabled": False})
+        with pytest.raises(openai.AuthenticationError) as account_off:
+            await client.models.list()
+        assert account_off.value.code == "account_disabled"
+        rows = await ledger(gateway, account, kind="request")
+        assert [r.status for r in rows] == [403, 200]
+
+
+async def test_disabling_a_key_elsewhere_takes_effect_within_the_cache_bound(
+    upstream: FakeUpstream, tmp_path: object
+) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    one = make_billing_gateway(upstream, url, key_cache_seconds=0.3)
+    two = make_billing_gateway(upstream, url, key_cache_seconds=0.3)
+    async with one, two:
+        _, secret = await fund(one, "1")
+        client = sdk(mounted(two), key=secret)
+        await client.models.list()
+        assert one.accounting is not None
+        [key] = await one.accounting.storage.keys(_)
+        await one.accounting.storage.update_key(key.id, {"enabled": False})
+        await client.models.list()  # still cached in the other process
+        await asyncio.sleep(0.35)
+        with pytest.raises(openai.AuthenticationError):
+            await client.models.list()
+
+
+async def test_the_admin_key_manages_but_does_not_chat(upstream: FakeUpstream) -> None:
+    from .conftest import ADMIN_KEY
+
+    gateway = make_billing_gateway(upstream, "memory://")
+    async with gateway:
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            await sdk(mounted(gateway), key=ADMIN_KEY).chat.completions.create(
+                model="openai/gpt-4.1", messages=MESSAGES
+            )
+        assert denied.value.code == "admin_key"
+
+
+async def test_streams_are_metered_with_and_without_upstream_usage(upstream: FakeUpstream) -> None:
+    from gate_middleware import ProviderSettings
+
+    gateway = make_billing_gateway(
+        upstream,
+        "memory://",
+        providers={
+            "openai": ProviderSettings(base_url="http://upstream/v1"),
+            # An upstream that is never asked for usage: the gateway must estimate.
+            "deepseek": ProviderSettings(base_url="http://upstream/v1", stream_usage=False),
+        },
+    )
+    async with gateway:
+        account, secret = await fund(gateway, "1")
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=mounted(gateway)),
+            base_url="http://gate.test",
+            headers={"authorization": f"Bearer {secret}"},
+        ) as http:
+            for model in ("openai/gpt-4.1", "deepseek/deepseek-chat"):
+                response = await http.post(
+                    "/v1/chat/completions",
+                    json={"model": model, "messages": MESSAGES, "stream": True, "max_tokens": 6},
+                )
+                assert response.status_code == 200
+                assert '"usage":{' not in response.text  # the client did not ask
+        reported, estimated = await ledger(gateway, account, kind="request")
+        assert reported.model_id == "deepseek/deepseek-chat"
+        reported, estimated = estimated, reported
+        assert not reported.estimated and reported.completion_tokens == 6
+        assert estimated.estimated and estimated.prompt_tokens == PROMPT
+        # One token a chunk: role, 6 words, finish.
+        assert estimated.completion_tokens == 8 and estimated.amount > 0
+
+
+async def test_unpriced_models_are_refused_or_free(upstream: FakeUpstream) -> None:
+    for policy, status in (("reject", 400), ("free", 200)):
+        gateway = make_billing_gateway(upstream, "memory://", unpriced_models=policy)
+        async with gateway:
+            account, secret = await fund(gateway, "1")
+            async with httpx2.AsyncClient(
+                transport=httpx2.ASGITransport(app=mounted(gateway)),
+                base_url="http://gate.test",
+                headers={"authorization": f"Bearer {secret}"},
+            ) as http:
+                response = await http.post(
+                    "/v1/chat/completions",
+                    json={"model": "openai/some-new-model", "messages": MESSAGES},
+                )
+            assert response.status_code == status
+            [row] = await ledger(gateway, account, kind="request")
+            assert row.status == status and row.amount == 0
+
+
+async def test_shutdown_writes_every_row(upstream: FakeUpstream, tmp_path: object) -> None:
+    url = f"sqlite:///{tmp_path}/flush.db"
+    gateway = make_billing_gateway(upstream, url, ledger_flush_seconds=60, ledger_batch_size=10**6)
+    async with gateway:
+        account, secret = await fund(gateway, "5")
+        client = sdk(mounted(gateway), key=secret)
+        await asyncio.gather(
+            *(
+                client.chat.completions.create(model="openai/gpt-4.1", messages=MESSAGES, max_tokens=2)
+                for _ in range(120)
+            )
+        )
+        assert gateway.accounting is not None and gateway.accounting.writer.pending == 120
+    # A new gateway on the same file sees all of them, and the money matches.
+    again = make_billing_gateway(upstream, url)
+    async with again:
+        rows = await ledger(again, account, kind="request", limit=1000)
+        assert len(rows) == 120 and len({r.id for r in rows}) == 120
+        credits, spent = await balance(again, account)
+        assert spent == sum(r.amount for r in rows) == 120 * (PROMPT * IN + 2 * OUT)
+        assert again.accounting is not None
+        state = await again.accounting.storage.account(account)
+        assert state is not None and state.leased == 0
+
+
+async def test_a_fallback_is_charged_at_the_price_of_the_model_that_answered(
+    upstream: FakeUpstream,
+) -> None:
+    from gate_middleware import ModelSettings
+    from gate_middleware.testing import Fault
+
+    gateway = make_billing_gateway(
+        upstream,
+        "memory://",
+        models={"openai/gpt-4.1-mini": ModelSettings(fallbacks=["openai/gpt-4.1"])},
+    )
+    async with gateway:
+        account, secret = await fund(gateway, "1")
+        upstream.schedule(Fault(status=503))
+        answer = await sdk(mounted(gateway), key=secret).chat.completions.create(
+            model="openai/gpt-4.1-mini",
+            messages=MESSAGES,
+            max_tokens=5,
+            extra_headers={"x-gate-max-retries": "1"},
+        )
+        assert answer.model == "openai/gpt-4.1"
+        [row] = await ledger(gateway, account, kind="request")
+        assert row.model == "openai/gpt-4.1-mini" and row.model_id == "openai/gpt-4.1"
+        assert row.amount == PROMPT * IN + 5 * OUT and row.attempts == 2

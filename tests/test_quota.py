@@ -1,0 +1,162 @@
+"""No overspend under concurrency: one process on SQLite, two processes on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from gate_middleware.accounts import Accounts
+from gate_middleware.auth import Principal
+from gate_middleware.storage import LedgerQuery
+from gate_middleware.storage.postgres import PostgresStorage
+from gate_middleware.testing import FakeUpstream
+from gate_middleware.tokens import estimate_prompt_tokens
+
+from .conftest import LiveServer, drop_schema, free_port, fund, make_billing_gateway, mounted
+
+MESSAGES = [{"role": "user", "content": "How much may I spend?"}]
+MAX_TOKENS = 20
+# openai/gpt-4.1 at 2000 / 8000 nanodollars per prompt / completion token.
+COST = estimate_prompt_tokens({"messages": MESSAGES}) * 2000 + MAX_TOKENS * 8000
+BODY = {"model": "openai/gpt-4.1", "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+ADMIN = Principal(id="admin", key_hint="admin", admin=True)
+
+
+def usd(nanos: int) -> str:
+    return str(Decimal(nanos) / 10**9)
+
+
+async def test_200_concurrent_requests_against_50_on_sqlite(tmp_path: Path) -> None:
+    upstream = FakeUpstream(latency=0.01)
+    gateway = make_billing_gateway(
+        upstream,
+        f"sqlite:///{tmp_path / 'quota.db'}",
+        quota_lease_usd=usd(COST * 7),  # small slices: many leases while requests run
+    )
+    async with gateway:
+        account, secret = await fund(gateway, usd(COST * 50))
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=mounted(gateway)),
+            base_url="http://gate.test",
+            headers={"authorization": f"Bearer {secret}"},
+        ) as http:
+            responses = await asyncio.gather(
+                *(http.post("/v1/chat/completions", json=BODY) for _ in range(200))
+            )
+        statuses = Counter(r.status_code for r in responses)
+        assert statuses == {200: 50, 402: 150}
+        assert all(r.json()["error"]["code"] == "insufficient_quota" for r in responses if r.status_code == 402)
+        assert gateway.accounting is not None
+        await gateway.accounting.writer.flush()
+        state = await gateway.accounting.storage.account(account)
+        assert state is not None
+        assert state.spent == 50 * COST == state.credits
+    # After shutdown every lease is back.
+    again = make_billing_gateway(upstream, f"sqlite:///{tmp_path / 'quota.db'}")
+    async with again:
+        assert again.accounting is not None
+        state = await again.accounting.storage.account(account)
+        assert state is not None and state.leased == 0 and state.available == 0
+        rows = await again.accounting.storage.rows(
+            LedgerQuery(account_id=account, kind="request", limit=1000)
+        )
+        assert len(rows) == 200 and sum(r.amount for r in rows) == 50 * COST
+
+
+def _start_gateway(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gate_middleware", "serve", "--port", str(port), "--log-level", "warning"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the gateway at {url} exited with {process.returncode}")
+        try:
+            if httpx2.get(url + "/healthz").json()["status"] == "ok":
+                return
+        except httpx2.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the gateway at {url} did not start")
+
+
+@pytest.mark.postgres
+async def test_two_gateway_processes_share_a_postgres_balance(postgres_url: str) -> None:
+    schema = f"gate_test_{uuid.uuid4().hex[:12]}"
+    database_url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={schema}"
+    storage = PostgresStorage(database_url)
+    await storage.open()
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        accounts = Accounts(storage, max_credit=10**18)
+        account = await accounts.create_account(ADMIN, {"name": "shared"})
+        await accounts.credit(ADMIN, account.id, {"amount_usd": usd(COST * 50)}, kind="topup")
+        _, secret = await accounts.create_key(ADMIN, account.id, {"name": "k"})
+
+        upstream = FakeUpstream(latency=0.02)
+        with LiveServer(upstream) as upstream_server:
+            env = {
+                "GATE_DATABASE_URL": database_url,
+                "GATE_PROVIDERS": json.dumps({"openai": {"base_url": upstream_server.url + "/v1"}}),
+                "GATE_QUOTA_LEASE_USD": usd(COST * 6),
+                "GATE_ADMIN_KEY": "sk-admin-two-processes",
+            }
+            ports = [free_port(), free_port()]
+            processes = [_start_gateway(port, env) for port in ports]
+            urls = [f"http://127.0.0.1:{port}" for port in ports]
+            for url, process in zip(urls, processes):
+                await asyncio.to_thread(_wait_healthy, url, process)
+            async with httpx2.AsyncClient(
+                headers={"authorization": f"Bearer {secret}"},
+                limits=httpx2.Limits(max_connections=400),
+                timeout=30,
+            ) as http:
+                responses = await asyncio.gather(
+                    *(
+                        http.post(f"{urls[i % 2]}/v1/chat/completions", json=BODY)
+                        for i in range(200)
+                    )
+                )
+            # A graceful stop: ledger rows and spends are written, leases go back.
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                # uvicorn shuts down gracefully, then re-raises the signal it caught.
+                assert await asyncio.to_thread(process.wait, 20) in (0, -signal.SIGTERM)
+
+        statuses = Counter(r.status_code for r in responses)
+        assert set(statuses) <= {200, 402} and statuses[200] >= 1
+        assert statuses[200] <= 50
+        served_by = Counter(r.url.port for r in responses if r.status_code == 200)
+        state = await storage.account(account.id)
+        assert state is not None
+        assert state.spent == statuses[200] * COST <= state.credits
+        assert state.leased == 0
+        rows = await storage.rows(LedgerQuery(account_id=account.id, kind="request", limit=1000))
+        assert len(rows) == 200
+        assert Counter(r.status for r in rows) == statuses
+        assert sum(r.amount for r in rows) == state.spent
+        print(f"served {dict(statuses)} by port {dict(served_by)}")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        await storage.close()
+        await drop_schema(postgres_url, schema)
