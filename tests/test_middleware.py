@@ -9,6 +9,7 @@ import pytest
 from fastapi import BackgroundTasks, FastAPI, Request
 from starlette.testclient import TestClient
 
+from gate_middleware.testing import FakeUpstream
 from gate_middleware import (
     GateError,
     GateMiddleware,
@@ -178,3 +179,44 @@ def test_a_refused_model_call_inside_a_handler_renders_openai_shaped() -> None:
     assert response.status_code == 402
     assert response.json()["error"]["type"] == "insufficient_quota"
     assert response.headers["x-request-id"]
+
+
+async def test_host_route_calls_are_charged_to_the_callers_account(
+    upstream: FakeUpstream,
+) -> None:
+    from gate_middleware.storage import LedgerQuery
+
+    from .conftest import fund, make_billing_gateway
+
+    gateway = make_billing_gateway(upstream, "memory://", quota_max_tokens=16)
+    app = FastAPI()
+    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
+
+    @app.post("/ai/hello")
+    async def hello(request: Request) -> dict[str, str]:
+        answer = await request.state.gate.chat(
+            model="openai/gpt-4.1", messages=[{"role": "user", "content": "hello"}]
+        )
+        return {"text": answer["choices"][0]["message"]["content"]}
+
+    async with gateway:
+        # Enough for a couple of calls of 16 completion tokens at 8 USD per million.
+        account, key = await fund(gateway, "0.0004")
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=app), base_url="http://host"
+        ) as http:
+            statuses = [
+                (await http.post("/ai/hello", headers={"authorization": f"Bearer {key}"})).status_code
+                for _ in range(6)
+            ]
+            refused = await http.post("/ai/hello", headers={"authorization": f"Bearer {key}"})
+        assert gateway.accounting is not None
+        await gateway.accounting.writer.flush()
+        rows = await gateway.accounting.storage.rows(LedgerQuery(account_id=account))
+        stored = await gateway.accounting.storage.account(account)
+    assert statuses[0] == 200 and 402 in statuses
+    assert refused.status_code == 402
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    charged = [r for r in rows if r.amount and r.route == "/ai/hello"]
+    assert charged and all(r.model == "openai/gpt-4.1" for r in charged)
+    assert stored is not None and 0 < stored.spent <= stored.credits

@@ -85,6 +85,13 @@ class Accounting:
             )
         if not principal.chain:
             return  # a settings key: metered, no balance
+        if not record.model:
+            # A host route's own request (GateMiddleware): no model of its own, so only
+            # a balance check, a hold of the least amount, given back when it settles.
+            if self.book is not None:
+                wanted = [(self.book.purse("account", lvl.account_id), 1) for lvl in principal.chain]
+                record.extra["holds"] = await self.book.hold(wanted)
+            return
         # The model that answers is known only after the call (retries may fall back
         # to another), so the hold covers the dearest model that could answer.
         entry = self._catalogue.resolve(record.model)

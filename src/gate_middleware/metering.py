@@ -64,6 +64,7 @@ def ledger_rows(record: RequestRecord, costs: Sequence[int], now: float) -> list
             app=record.app,
             stream=record.stream,
             estimated=not record.usage_reported and record.status in (200, 499),
+            route=record.route,
         )
         for account_id, cost in zip(levels, costs)
     ]

@@ -58,6 +58,7 @@ GROUPS = {
     "key": "key_prefix",
     "account": "source_account_id",
     "app": "app",
+    "route": "route",
 }
 
 
@@ -237,5 +238,9 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX leases_expiry ON leases(expires_at)",
         "ALTER TABLE ledger ADD COLUMN estimated BOOLEAN NOT NULL DEFAULT FALSE",
+    ],
+    [
+        # v3: the host route that made a call through GateMiddleware.
+        "ALTER TABLE ledger ADD COLUMN route TEXT",
     ],
 ]

@@ -122,6 +122,7 @@ class LedgerRow:
     app: str | None = None
     stream: bool = False
     estimated: bool = False
+    route: str | None = None  # the host route (GateMiddleware) that made the call
     actor: str | None = None
     note: str | None = None
     seq: int | None = None
@@ -214,7 +215,8 @@ class LedgerStore(Protocol):
         """Newest first (by `seq`), at most `query.limit`."""
 
     async def overview(self, query: LedgerQuery, group_by: str) -> list[Group]:
-        """Request rows grouped by `day`, `model`, `key`, `account` (the source) or `app`."""
+        """Request rows grouped by `day`, `model`, `key`, `account` (the source), `app`
+        or `route`."""
 
     async def by_request(self, request_id: str, account_id: str) -> LedgerRow | None: ...
 
