@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx2
 import openai
@@ -133,29 +134,35 @@ async def test_client_disconnect_cancels_the_upstream(
     assert upstream.open_streams == 0
 
 
-def test_cli_serve_prints_url_and_key_and_serves() -> None:
+def test_cli_serve_prints_url_and_key_and_serves(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATE_")}
     with subprocess.Popen(
         [sys.executable, "-m", "gate_middleware", "serve", "--port", str(port)],
+        cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
     ) as process:
         try:
-            _use_the_cli_server(process, port)
+            _use_the_cli_server(process, port, tmp_path)
         finally:
             process.terminate()
             process.wait(10)
 
 
-def _use_the_cli_server(process: subprocess.Popen[str], port: int) -> None:
+def _use_the_cli_server(process: subprocess.Popen[str], port: int, directory: Path) -> None:
     assert process.stdout is not None
-    lines = [process.stdout.readline() for _ in range(4)]
+    lines: list[str] = []
+    while not any("API key" in line for line in lines):
+        line = process.stdout.readline()
+        assert line, f"the server stopped: {lines}"
+        lines.append(line)
     assert any(f"http://127.0.0.1:{port}/v1" in line for line in lines), lines
     key = next(line for line in lines if "API key" in line).rsplit(" ", 1)[-1].strip()
-    assert key.startswith("sk-gate-demo-")
+    admin = next(line for line in lines if "admin key" in line).rsplit(" ", 1)[-1].strip()
+    assert key.startswith("sk-gate-") and admin.startswith("sk-gate-admin-")
     deadline = time.monotonic() + 10
     while True:
         try:

@@ -23,16 +23,21 @@ def _serve(args: argparse.Namespace) -> int:
     from .settings import GateSettings
 
     settings = GateSettings()
-    generated = None
-    if not settings.api_keys and not settings.database_url:
-        generated = "sk-gate-demo-" + secrets.token_urlsafe(18)
-        settings = settings.model_copy(update={"api_keys": [SecretStr(generated)]})
-    app = create_app(settings)
+    demo = not settings.api_keys and not settings.database_url
+    if demo:
+        # The embedded defaults: accounts and ledger in a SQLite file, a fresh admin key,
+        # and (printed once started) a key of a "demo" account with some credit.
+        admin = settings.admin_key or SecretStr("sk-gate-admin-" + secrets.token_urlsafe(18))
+        settings = settings.model_copy(
+            update={"database_url": f"sqlite:///{args.database}", "admin_key": admin}
+        )
+    app = create_app(settings, demo_account=demo)
     url = f"http://{args.host}:{args.port}/v1"
     print(f"gate-middleware: OpenAI-compatible gateway at {url}", flush=True)
-    if generated:
-        # A fresh key for this run only; set GATE_API_KEYS to choose your own.
-        print(f"gate-middleware: API key for this run: {generated}", flush=True)
+    if demo:
+        print(f"gate-middleware: accounts and ledger in {args.database}", flush=True)
+        assert settings.admin_key is not None
+        print(f"gate-middleware: admin key: {settings.admin_key.get_secret_value()}", flush=True)
     elif settings.database_url:
         print("gate-middleware: API keys from the database (gate-middleware keys create)", flush=True)
     else:
@@ -59,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=int(os.environ.get("GATE_PORT", "8000")))
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--database",
+        default="gate.db",
+        help="SQLite file of the demo's accounts and ledger (when GATE_DATABASE_URL is unset)",
+    )
     serve.set_defaults(handler=_serve)
     from ._admin_cli import add_commands
 

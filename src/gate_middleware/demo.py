@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from .app import Gateway
+from .auth import Principal
 from .settings import GateSettings
 
 __all__ = ["create_app"]
 
+_DEMO_CREDIT_USD = "5"
 
-def create_app(settings: GateSettings | None = None) -> Starlette:
+
+async def _demo_key(gateway: Gateway) -> str:
+    """A key of the "demo" account (made, with some credit, on the first run)."""
+    assert gateway.accounting is not None
+    accounts, storage = gateway.accounting.accounts, gateway.accounting.storage
+    admin = Principal(id="admin", key_hint="admin", admin=True)
+    demo = next((a for a in await storage.children(None) if a.name == "demo"), None)
+    if demo is None:
+        demo = await accounts.create_account(admin, {"name": "demo"})
+        await accounts.credit(
+            admin, demo.id, {"amount_usd": _DEMO_CREDIT_USD, "note": "demo credit"}, kind="topup"
+        )
+    _, secret = await accounts.create_key(admin, demo.id, {"name": "demo run"})
+    return secret
+
+
+def create_app(settings: GateSettings | None = None, *, demo_account: bool = False) -> Starlette:
+    """The host app; `demo_account` makes a key of a "demo" account at start and prints it."""
     gateway = Gateway(settings)
 
     async def index(request: Request) -> JSONResponse:
@@ -30,6 +52,14 @@ def create_app(settings: GateSettings | None = None) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok" if gateway.started else "starting"})
 
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with gateway:
+            if demo_account:
+                key = await _demo_key(gateway)
+                print(f"gate-middleware: API key for this run: {key}", flush=True)
+            yield
+
     app = Starlette(
         routes=[
             Route("/", index),
@@ -38,7 +68,7 @@ def create_app(settings: GateSettings | None = None) -> Starlette:
             *gateway.root_routes(),
             Mount("/v1", gateway),
         ],
-        lifespan=gateway.lifespan,
+        lifespan=lifespan,
     )
     app.state.gateway = gateway
     return app
