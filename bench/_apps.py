@@ -109,3 +109,32 @@ def gateway() -> Starlette:
 
 httpx_floor = _httpx_floor()
 aiohttp_floor = _aiohttp_floor()
+
+
+def _host(guarded: bool) -> Starlette:
+    """A host app with a trivial route `/plain`; with `guarded`, GateMiddleware guards
+    `/ai/*` (and `/ai/ping`, a trivial route behind it, shows the guard's own cost)."""
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+
+    from gate_middleware import GateMiddleware, Gateway
+
+    gateway = Gateway()
+
+    async def plain(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    middleware = [Middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])] if guarded else []
+    return Starlette(
+        routes=[Route("/plain", plain), Route("/ai/ping", plain)],
+        middleware=middleware,
+        lifespan=gateway.lifespan,
+    )
+
+
+def host_plain() -> Starlette:
+    return _host(guarded=False)
+
+
+def host_guarded() -> Starlette:
+    return _host(guarded=True)

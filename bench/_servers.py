@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+KEY = "sk-bench-0123456789"
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -32,7 +38,7 @@ def serve(
         sys.executable, "-m", "uvicorn", target, "--port", str(port), "--loop", "uvloop",
         "--http", "httptools", "--log-level", "warning", "--no-access-log",
     ]
-    if target.endswith("gateway"):
+    if target.endswith(("gateway", "host_plain", "host_guarded")):
         args.append("--factory")
     process = subprocess.Popen(
         args,
@@ -56,3 +62,54 @@ def stop(processes: list[subprocess.Popen[bytes]]) -> None:
         process.terminate()
     for process in processes:
         process.wait(10)
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("installing wrk from Debian's packages...", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, capture_output=True)
+    return shutil.which("wrk") or sys.exit("wrk is not available")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def run_wrk(
+    wrk: str,
+    url: str,
+    body: dict | None,
+    seconds: int,
+    connections: int,
+    pid: int,
+    key: str = KEY,
+) -> dict:
+    """wrk at fixed concurrency (POST `body`, or GET without one); the server's CPU too."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(f'wrk.headers["Authorization"] = "Bearer {key}"\n')
+        if body is not None:
+            script.write(
+                'wrk.method = "POST"\n'
+                f"wrk.body = {json.dumps(json.dumps(body))}\n"
+                'wrk.headers["Content-Type"] = "application/json"\n'
+            )
+    before = cpu_seconds(pid)
+    out = subprocess.run(
+        [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    cpu = cpu_seconds(pid) - before
+    os.unlink(script.name)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1),
+        "p99": re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1),
+        "cpu_ms": 1000 * cpu / max(total, 1),
+        "errors": int(errors.group(1)) if errors else 0,
+    }

@@ -16,8 +16,7 @@ import os
 import tempfile
 import uuid
 
-import throughput
-from throughput import ensure_wrk, free_port, run_wrk, serve
+from _servers import KEY, ensure_wrk, free_port, run_wrk, serve, stop
 
 from gate_middleware.accounts import Accounts
 from gate_middleware.auth import Principal
@@ -65,7 +64,7 @@ def main() -> None:
         "GATE_PROVIDERS": json.dumps({"openai": {"base_url": upstream_url, "api_key": "up"}}),
     }
     setups = {
-        "off": ({**base, "GATE_API_KEYS": throughput.KEY}, throughput.KEY),
+        "off": ({**base, "GATE_API_KEYS": KEY}, KEY),
     }
     for name, url in (
         ("sqlite", f"sqlite:///{tmp}/bench.db"),
@@ -75,7 +74,7 @@ def main() -> None:
     # "off" again at the end: the machine and the upstream drift during a run, and the
     # two "off" rows show by how much.
     setups["off again"] = setups["off"]
-    processes = [serve("_apps:upstream", up_port, base)]
+    processes = [serve("upstream", up_port, base)]
     try:
         messages = [{"role": "user", "content": "Benchmark me."}]
         cases = {
@@ -85,13 +84,14 @@ def main() -> None:
         results: dict[str, dict[str, dict]] = {case: {} for case in cases}
         for name, (env, key) in setups.items():
             port = free_port()
-            process = serve("_apps:gateway", port, env)
+            process = serve("gateway", port, env)
             processes.append(process)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            throughput.KEY = key
             for case, body in cases.items():
-                run_wrk(wrk, url, body, 2, args.connections, process.pid)  # warm-up
-                results[case][name] = run_wrk(wrk, url, body, args.duration, args.connections, process.pid)
+                run_wrk(wrk, url, body, 2, args.connections, process.pid, key)  # warm-up
+                results[case][name] = run_wrk(
+                    wrk, url, body, args.duration, args.connections, process.pid, key
+                )
             process.terminate()
             process.wait(30)
         print(f"wrk: {args.connections} connections, {args.duration}s each, one uvicorn worker")
@@ -110,10 +110,7 @@ def main() -> None:
                 print(f"{name:<12}{r['rps']:>10.0f}{r['p50']:>10}{r['p99']:>10}"
                       f"{r['cpu_ms']:>12.3f}{r['errors']:>9}{change:>22}")
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(10)
+        stop([p for p in processes if p.poll() is None])
         try:
             asyncio.run(drop(args.postgres, schema))
         except Exception:

@@ -11,59 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-from _servers import free_port, serve, stop
-
-KEY = "sk-bench-0123456789"
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def ensure_wrk() -> str:
-    found = shutil.which("wrk")
-    if found:
-        return found
-    print("installing wrk from Debian's packages...", flush=True)
-    subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, capture_output=True)
-    return shutil.which("wrk") or sys.exit("wrk is not available")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def run_wrk(wrk: str, url: str, body: dict, seconds: int, connections: int, pid: int) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(
-            'wrk.method = "POST"\n'
-            f"wrk.body = {json.dumps(json.dumps(body))}\n"
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            f'wrk.headers["Authorization"] = "Bearer {KEY}"\n'
-        )
-    before = cpu_seconds(pid)
-    out = subprocess.run(
-        [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    cpu = cpu_seconds(pid) - before
-    os.unlink(script.name)
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50": re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1),
-        "p99": re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1),
-        "cpu_ms": 1000 * cpu / max(total, 1),
-        "errors": int(errors.group(1)) if errors else 0,
-    }
+from _servers import KEY, ensure_wrk, free_port, run_wrk, serve, stop
 
 
 def main() -> None:
