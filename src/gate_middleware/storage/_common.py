@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ __all__ = [
     "decode_row",
     "encode",
     "group_key",
+    "ledger_values",
     "matches",
     "settable",
 ]
@@ -50,6 +52,9 @@ _LIMIT_COLUMNS = (
 ACCOUNT_COLUMNS = ("id", "name", "parent_id", "credits", *_LIMIT_COLUMNS)
 KEY_COLUMNS = ("id", "account_id", "name", "prefix", "digest", *_LIMIT_COLUMNS)
 LEDGER_COLUMNS = tuple(f.name for f in dataclasses.fields(LedgerRow) if f.name != "seq")
+# A ledger row's fields are already column values: one C-level getter makes the tuple
+# (encode() per field cost ~20 us a row on the event loop).
+ledger_values = operator.attrgetter(*LEDGER_COLUMNS)
 
 # group_by name -> ledger column
 GROUPS = {

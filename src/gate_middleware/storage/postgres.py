@@ -25,6 +25,7 @@ from ._common import (
     decode_row,
     encode,
     group_key,
+    ledger_values,
     settable,
     where,
 )
@@ -211,7 +212,7 @@ class PostgresStorage:
     # Ledger -----------------------------------------------------------------------
 
     async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
-        records = [tuple(encode(n, getattr(row, n)) for n in LEDGER_COLUMNS) for row in rows]
+        records = [ledger_values(row) for row in rows]
         async with self._pool.acquire() as conn, conn.transaction():
             if records:
                 await conn.copy_records_to_table(

@@ -28,6 +28,7 @@ from ._common import (
     decode_row,
     encode,
     group_key,
+    ledger_values,
     settable,
     where,
 )
@@ -229,9 +230,7 @@ class SQLiteStorage:
     # Ledger -----------------------------------------------------------------------
 
     async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
-        values = [
-            tuple(encode(n, getattr(row, n)) for n in LEDGER_COLUMNS) for row in rows
-        ]
+        values = [ledger_values(row) for row in rows]
 
         def write(conn: sqlite3.Connection) -> None:
             conn.executemany(_INSERT_ROW, values)
