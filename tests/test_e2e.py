@@ -131,6 +131,8 @@ async def test_client_disconnect_cancels_the_upstream(
     await wait_for(lambda: upstream.disconnects == 1, timeout=3)
     await wait_for(lambda: len(records) == 1, timeout=3)
     assert records[0].status == 499 and records[0].error_code == "client_disconnected"
+    # What was produced before the client left is known, for billing.
+    assert records[0].estimated_completion_tokens >= 2
     assert upstream.open_streams == 0
 
 

@@ -132,7 +132,7 @@ async def test_unknown_paths(http: httpx2.AsyncClient, gateway: object) -> None:
         (Fault(status=503), 503, openai.InternalServerError),
         (Fault(status=529), 503, openai.InternalServerError),
         (Fault(status=400, message="context too long"), 400, openai.BadRequestError),
-        (Fault(status=401), 502, openai.InternalServerError),
+        (Fault(status=401), 403, openai.PermissionDeniedError),
         (Fault(malformed=True), 502, openai.InternalServerError),
         (Fault(drop="before"), 502, openai.InternalServerError),
     ],
@@ -197,3 +197,41 @@ async def test_a_host_provider_failing_unexpectedly_is_a_clean_500(upstream: Fak
     assert response.status_code == 500
     assert_openai_error(response.json())
     assert "Traceback" not in response.text and "bug in a host" not in response.text
+
+
+@pytest.mark.parametrize(
+    "header", [{"retry-after": "soon"}, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"},
+               {"retry-after-ms": "x"}]
+)
+async def test_odd_retry_after_headers_do_not_break_relaying(header: dict[str, str]) -> None:
+    from gate_middleware.providers.openai import upstream_error
+
+    error = upstream_error(429, b'{"error": {"message": "slow down"}}', header)
+    assert error.status == 429 and error.message == "slow down"
+
+
+async def test_cors_for_browser_front_ends(upstream: FakeUpstream) -> None:
+    gateway = make_gateway(upstream, cors_origins=["https://chat.example"])
+    async with gateway, httpx2.AsyncClient(
+        transport=httpx2.ASGITransport(app=mounted(gateway)), base_url="http://t"
+    ) as http:
+        preflight = await http.options(
+            "/v1/chat/completions",
+            headers={
+                "origin": "https://chat.example",
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "authorization, content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://chat.example"
+        answer = await http.post(
+            "/v1/chat/completions",
+            json={"model": "openai/gpt-4.1", "messages": MESSAGES},
+            headers={"origin": "https://chat.example", "authorization": f"Bearer {KEY}"},
+        )
+        assert answer.headers["access-control-allow-origin"] == "https://chat.example"
+        other = await http.get(
+            "/v1/models", headers={"origin": "https://evil.example", "authorization": f"Bearer {KEY}"}
+        )
+        assert "access-control-allow-origin" not in other.headers

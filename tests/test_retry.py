@@ -110,8 +110,8 @@ async def test_retryable_failures_are_retried_transparently(
 
 NOT_RETRYABLE = [
     (Fault(status=400), 400),
-    (Fault(status=401), 502),  # the vendor refused the gateway's key
-    (Fault(status=403), 502),
+    (Fault(status=401), 403),  # the vendor refused the gateway's key
+    (Fault(status=403), 403),
     (Fault(status=404), 404),
     (Fault(status=413), 413),
     (Fault(status=422), 422),

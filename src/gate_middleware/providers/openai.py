@@ -129,9 +129,11 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         try:
             return float(value)
         except ValueError:
-            date = email.utils.parsedate_to_datetime(value) if value else None
-            if date is not None:
-                return max(0.0, date.timestamp() - time.time())
+            pass
+        try:  # an HTTP date
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (ValueError, TypeError):
+            pass
     return None
 
 
@@ -153,10 +155,11 @@ def upstream_error(status: int, raw: bytes, headers: Mapping[str, str]) -> Upstr
             message = error
     retry_after = _retry_after(headers)
     if status in (401, 403):
-        # The vendor refused the gateway's own credentials: not the caller's fault.
+        # The vendor refused the gateway's own credentials: not the caller's fault (so
+        # not 401), and permanent (so not 5xx, which the SDKs would retry).
         return UpstreamError(
             f"The upstream refused the gateway's credentials: {message}",
-            status=502,
+            status=403,
             code="upstream_auth_error",
             retryable=False,
         )
