@@ -10,9 +10,12 @@ shared machine). Usage: python bench/throughput.py [--duration 10] [--connection
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import tempfile
 
 from _servers import KEY, ensure_wrk, free_port, run_wrk, serve, stop
+from metering import funded_key
 
 
 def main() -> None:
@@ -21,7 +24,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--stream-tokens", type=int, default=16)
     parser.add_argument(
-        "--servers", default="httpx_floor,aiohttp_floor,gateway", help="comma-separated"
+        "--servers",
+        default="httpx_floor,aiohttp_floor,gateway_bare,gateway",
+        help="comma-separated; gateway_bare: keys from settings, nothing else; gateway: "
+        "every feature on (accounts, quota holds and the ledger on SQLite)",
     )
     args = parser.parse_args()
     wrk = ensure_wrk()
@@ -37,12 +43,20 @@ def main() -> None:
     targets = {}
     try:
         for name in args.servers.split(","):
-            port = free_port()
-            processes.append(serve(name, port, env))
-            targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", processes[-1].pid)
+            port, key, extra = free_port(), KEY, {}
+            if name == "gateway":
+                database = f"sqlite:///{tempfile.mkdtemp()}/bench.db"
+                key = asyncio.run(funded_key(database))
+                extra = {"GATE_API_KEYS": "", "GATE_DATABASE_URL": database}
+            target = "gateway" if name.startswith("gateway") else name
+            processes.append(serve(target, port, {**env, **extra}))
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            targets[name] = (url, processes[-1].pid, key)
         messages = [{"role": "user", "content": "Benchmark me."}]
         cases = {
-            "non-streaming": {"model": "openai/gpt-4.1", "messages": messages},
+            "non-streaming": {
+                "model": "openai/gpt-4.1", "messages": messages, "max_tokens": args.stream_tokens
+            },
             "streaming": {
                 "model": "openai/gpt-4.1", "messages": messages, "stream": True,
                 "max_tokens": args.stream_tokens,
@@ -53,9 +67,11 @@ def main() -> None:
             print(f"\n{case}")
             print(f"{'server':<15}{'req/s':>10}{'p50':>10}{'p99':>10}{'cpu ms/req':>12}{'non-2xx':>9}")
             results = {}
-            for name, (url, pid) in targets.items():
-                run_wrk(wrk, url, body, 2, args.connections, pid)  # warm-up
-                results[name] = r = run_wrk(wrk, url, body, args.duration, args.connections, pid)
+            for name, (url, pid, key) in targets.items():
+                run_wrk(wrk, url, body, 2, args.connections, pid, key)  # warm-up
+                results[name] = r = run_wrk(
+                    wrk, url, body, args.duration, args.connections, pid, key
+                )
                 print(f"{name:<15}{r['rps']:>10.0f}{r['p50']:>10}{r['p99']:>10}"
                       f"{r['cpu_ms']:>12.3f}{r['errors']:>9}")
             if {"gateway", "aiohttp_floor"} <= results.keys():

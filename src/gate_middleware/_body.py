@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from .errors import InvalidRequestError, PayloadTooLargeError
+from .errors import GateError, InvalidRequestError, PayloadTooLargeError
 
 __all__ = ["check_chat", "check_embeddings", "read_json"]
 
@@ -17,11 +17,20 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody is left to answer; the record still says what happened.
+        raise GateError(
+            "The client disconnected while sending the request.",
+            status=499,
+            type="invalid_request_error",
+            code="client_disconnected",
+        ) from None
     try:
         body = json.loads(b"".join(chunks))
     except ValueError:
