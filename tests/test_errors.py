@@ -235,3 +235,30 @@ async def test_cors_for_browser_front_ends(upstream: FakeUpstream) -> None:
             "/v1/models", headers={"origin": "https://evil.example", "authorization": f"Bearer {KEY}"}
         )
         assert "access-control-allow-origin" not in other.headers
+
+
+async def test_a_client_gone_mid_body_is_recorded_not_a_crash(
+    gateway: Gateway, records: list[RequestRecord], caplog: pytest.LogCaptureFixture
+) -> None:
+    messages = [
+        {"type": "http.request", "body": b'{"model": "openai/gpt-4.1", "mess', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/chat/completions", "raw_path": b"/chat/completions",
+        "query_string": b"", "root_path": "", "server": ("t", 80), "client": ("c", 1),
+        "headers": [(b"authorization", f"Bearer {KEY}".encode())],
+    }
+    await gateway(scope, receive, send)
+    assert records[-1].status == 499 and records[-1].error_code == "client_disconnected"
+    assert "Traceback" not in caplog.text and "Unexpected error" not in caplog.text
