@@ -17,6 +17,7 @@ from .errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
     RateLimitError,
+    ServiceUnavailableError,
     UpstreamError,
 )
 from .errors import handle_gate_error as gate_exception_handler
@@ -26,9 +27,17 @@ from .middleware import GateContext, GateDependency, GateMiddleware
 from .providers.base import Provider, Reply
 from .providers.fake import FakeProvider
 from .providers.openai import OpenAICompatible
+from .ratelimit import RateLimitGuard
 from .record import RecordHook, RequestRecord
 from .routing import Catalogue, Deployment, ModelEntry
-from .settings import DeploymentSettings, GateSettings, ModelSettings, ProviderSettings
+from .settings import (
+    DeploymentSettings,
+    GateSettings,
+    LimitSettings,
+    ModelSettings,
+    ProviderSettings,
+    RateLimitSettings,
+)
 from .storage import Storage, StorageConflict, storage_from_url
 
 __version__ = "0.1.0"
@@ -55,6 +64,7 @@ __all__ = [
     "InsufficientQuotaError",
     "InvalidRequestError",
     "Level",
+    "LimitSettings",
     "MemoryHealth",
     "ModelEntry",
     "ModelSettings",
@@ -66,10 +76,13 @@ __all__ = [
     "Provider",
     "ProviderSettings",
     "RateLimitError",
+    "RateLimitGuard",
+    "RateLimitSettings",
     "RecordHook",
     "RedisHealth",
     "Reply",
     "RequestRecord",
+    "ServiceUnavailableError",
     "StaticKeys",
     "Storage",
     "StorageConflict",

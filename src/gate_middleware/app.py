@@ -27,6 +27,7 @@ from .api.chat import ChatAPI
 from .api.embeddings import EmbeddingsAPI
 from .api.manage import ManageAPI
 from .api.models import ModelsAPI
+from .api.ratelimits import RateLimitsAPI
 from .auth import PARENT, PRINCIPAL, ROUTE, Authenticator, StaticKeys, authenticate
 from .errors import (
     ConfigurationError,
@@ -44,6 +45,7 @@ from .providers.fake import FakeProvider
 from .providers.openai import OpenAICompatible
 from .guard import Guard
 from .health import HealthStore, health_from_url
+from .ratelimit import RateLimitGuard
 from .retry import Candidate, Outcome, RetryPolicy, plan, run
 from .record import RecordHook, RequestRecord
 from .tokens import estimate_prompt_tokens
@@ -120,6 +122,11 @@ class Gateway(Starlette):
         if self.accounting is not None:
             self.guards.insert(0, self.accounting)
             self.record_hooks.insert(0, self.accounting.record)
+        # Rate limits first: the cheapest refusal, before any quota is held.
+        self.rate_limiter = RateLimitGuard(
+            self.settings.rate_limits, self.catalogue, self.providers.keys()
+        )
+        self.guards.insert(0, self.rate_limiter)
         self._max_body = self.settings.max_body_bytes
         self._users = 0
 
@@ -129,6 +136,7 @@ class Gateway(Starlette):
             Route("/embeddings", embeddings.create, methods=["POST"]),
             Route("/models", models.list, methods=["GET"]),
             Route("/models/{model_id:path}", models.retrieve, methods=["GET"]),
+            Route("/ratelimits", RateLimitsAPI(self).get, methods=["GET"]),
         ]
         if self.accounting is not None:
             routes += _billing_routes(BillingAPI(self)) + _manage_routes(ManageAPI(self))
@@ -141,7 +149,16 @@ class Gateway(Starlette):
                     allow_origins=self.settings.cors_origins,
                     allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
                     allow_headers=["*"],
-                    expose_headers=["x-request-id", "x-gate-provider", "retry-after"],
+                    expose_headers=[
+                        "x-request-id",
+                        "x-gate-provider",
+                        "retry-after",
+                        *(
+                            f"x-ratelimit-{field}-{kind}"
+                            for field in ("limit", "remaining", "reset")
+                            for kind in ("requests", "tokens")
+                        ),
+                    ],
                 ),
             )
         super().__init__(debug=debug, routes=routes, middleware=middleware, lifespan=self.lifespan)
@@ -166,7 +183,7 @@ class Gateway(Starlette):
         first, so the last ledger rows and spends are written and the leases go back
         while the rest still stands)."""
         accounting = [self.accounting] if self.accounting is not None else []
-        return [self.health, *self.providers.values(), *accounting]
+        return [self.health, *self.providers.values(), self.rate_limiter, *accounting]
 
     async def __aenter__(self) -> Gateway:
         if self._users == 0:
@@ -276,6 +293,8 @@ class Gateway(Starlette):
         upstream_body = {k: v for k, v in body.items() if k not in _ROUTING_FIELDS}
 
         async def attempt(candidate: Candidate) -> T:
+            # The upstream's own limits count each attempt at it, fallbacks included.
+            await self.rate_limiter.reach(record, candidate.deployment)
             record.model_id = candidate.entry.id
             record.provider = candidate.deployment.provider_name
             record.upstream_model = candidate.deployment.model
@@ -332,6 +351,7 @@ class Gateway(Starlette):
                 ("POST", "/embeddings"),
                 ("GET", "/models"),
                 ("GET", "/models/{model}"),
+                ("GET", "/ratelimits"),
             )
         )
         message = f"Unknown path '{path}'. This gateway serves: {paths}."

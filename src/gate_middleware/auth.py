@@ -17,10 +17,14 @@ __all__ = ["Authenticator", "Level", "Principal", "StaticKeys", "bearer_key", "k
 
 @dataclass(frozen=True, slots=True)
 class Level:
-    """One account of a caller's chain and the price multiplier it is charged at."""
+    """One account of a caller's chain: the price multiplier it is charged at, and its
+    own rate limits, which every request of its keys and sub-accounts counts against."""
 
     account_id: str
     multiplier: Decimal = Decimal(1)
+    rpm: int | None = None
+    tpm: int | None = None
+    rpd: int | None = None
 
 # Scope keys set only in-process (by GateMiddleware's client), never from a request.
 PRINCIPAL = "gate.principal"

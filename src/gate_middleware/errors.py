@@ -8,6 +8,7 @@
     ├── NotFoundError            404 not_found / model_not_found
     ├── PayloadTooLargeError     413 request_too_large
     ├── RateLimitError           429 rate_limit_exceeded
+    ├── ServiceUnavailableError  503 service_unavailable, e.g. limits cannot be checked
     ├── UpstreamError            the upstream's status, relayed
     └── GatewayNotStartedError   500, the host forgot the lifespan
     ConfigurationError           not HTTP: raised when the gateway is built
@@ -36,6 +37,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "RateLimitError",
+    "ServiceUnavailableError",
     "UpstreamError",
     "error_body",
     "error_response",
@@ -114,6 +116,12 @@ class RateLimitError(GateError):
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
+
+
+class ServiceUnavailableError(GateError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
 
 
 class UpstreamError(GateError):

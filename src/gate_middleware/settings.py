@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from limits import parse_many
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -22,7 +23,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["DeploymentSettings", "GateSettings", "ModelSettings", "ProviderSettings"]
+__all__ = [
+    "DeploymentSettings",
+    "GateSettings",
+    "LimitSettings",
+    "ModelSettings",
+    "ProviderSettings",
+    "RateLimitSettings",
+]
 
 
 class ProviderSettings(BaseModel):
@@ -59,6 +67,58 @@ class ModelSettings(BaseModel):
         None, description="A model with a longer context, tried when a prompt is too long."
     )
     max_retries: int | None = Field(None, ge=0, description="Overrides GATE_MAX_RETRIES.")
+
+
+class LimitSettings(BaseModel):
+    """The limits of one scope, in `limits` notation: "60/minute", "10/second;1000/day"."""
+
+    requests: str | None = Field(None, description='Requests, e.g. "60/minute;1000/day".')
+    tokens: str | None = Field(
+        None, description='Prompt + completion tokens, e.g. "100000/minute".'
+    )
+    concurrency: int | None = Field(
+        None, ge=1, description="Requests in flight at once (keys only)."
+    )
+
+    @field_validator("requests", "tokens")
+    @classmethod
+    def _parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_many(value)  # a typo fails at start-up, not on the first request
+        return value
+
+
+class RateLimitSettings(BaseModel):
+    """Rate limits; none are set by default. A key's own limits (from the account
+    system) replace `key`'s; accounts, models, deployments and `gateway` add to them."""
+
+    storage_uri: str = Field(
+        "memory://",
+        description="memory:// (one process) or redis://host:port/db (shared by workers).",
+    )
+    strategy: Literal["fixed-window", "moving-window", "sliding-window-counter"] = Field(
+        "fixed-window",
+        description="fixed-window is the only one that can give back over-estimated tokens.",
+    )
+    key_prefix: str = Field("gate", description="Prefix of every storage key (Redis).")
+    on_storage_error: Literal["open", "closed"] = Field(
+        "open", description="Storage unreachable: admit unchecked (open) or answer 503."
+    )
+    storage_timeout: float = Field(0.5, gt=0, description="Seconds per storage call.")
+    completion_estimate: int = Field(
+        512, ge=0, description="Completion tokens charged up front when a chat names no max_tokens."
+    )
+    concurrency_lease: float = Field(
+        900.0, gt=0, description="Seconds a slot outlives a worker that died (Redis)."
+    )
+    key: LimitSettings = Field(LimitSettings(), description="Every key, unless it has its own.")
+    models: dict[str, LimitSettings] = Field(
+        {}, description="Per key and model: model name -> limits."
+    )
+    deployments: dict[str, LimitSettings] = Field(
+        {}, description='All keys together per upstream: "openai" or "openai/gpt-4.1".'
+    )
+    gateway: LimitSettings = Field(LimitSettings(), description="All keys together, everything.")
 
 
 class GateSettings(BaseSettings):
@@ -141,6 +201,9 @@ class GateSettings(BaseSettings):
     ledger_batch_size: int = Field(1000, gt=0, description="Ledger rows per write.")
     ledger_flush_seconds: float = Field(
         0.2, gt=0, description="Longest a ledger row waits before it is written."
+    )
+    rate_limits: RateLimitSettings = Field(
+        RateLimitSettings(), description="Requests, tokens, concurrency."
     )
 
     @field_validator("api_keys", "cors_origins", mode="before")
