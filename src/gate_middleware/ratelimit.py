@@ -59,6 +59,7 @@ _CHARGE = "gate.ratelimit"
 _MINUTE, _DAY = 60, 86400
 _MAX_PLANS = 10_000  # cached per (principal, model, deployment); cleared when full
 _RETRY_STORAGE = 1.0  # seconds between attempts while the storage is down
+_TTL_SLACK = 1.0  # Redis tells a window's expiry in whole seconds, rounded
 _ABBREVIATIONS = {
     ("requests", _MINUTE): "RPM",
     ("tokens", _MINUTE): "TPM",
@@ -163,6 +164,7 @@ class RateLimitGuard:
                     charge.taken.append((limit, cost))
                 if not admitted:
                     await self._give_back(charge)
+                    record.headers.update(await self._headers(plan))
                     raise await self._refusal(limit, cost, record)
             charge.at = time.time()
             record.headers.update(await self._headers(plan))
@@ -333,7 +335,8 @@ class RateLimitGuard:
         count = await storage.get(key)
         if count <= 0 or amount <= 0:
             return
-        if await storage.get_expiry(key) - limit.item.get_expiry() > charged_at:
+        opened = await storage.get_expiry(key) - limit.item.get_expiry()
+        if opened - _TTL_SLACK > charged_at:
             return  # a newer window: it never counted this charge
         await storage.incr(key, limit.item.get_expiry(), amount=-min(amount, count))
 
@@ -367,7 +370,8 @@ class RateLimitGuard:
         reset, remaining = await self._limiter_().get_window_stats(limit.item, *limit.ids)
         wait = max(reset - time.time(), 0.001)
         amount = limit.item.amount
-        record.headers.update(_openai_headers(limit.kind, amount, 0, wait))
+        # The refused limit speaks for its kind, even where another has less left.
+        record.headers.update(_openai_headers(limit.kind, amount, remaining, wait))
         headers = {
             "retry-after": str(math.ceil(wait)),
             "retry-after-ms": str(math.ceil(wait * 1000)),

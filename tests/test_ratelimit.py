@@ -1,0 +1,655 @@
+"""Rate limits as a client sees them: statuses, OpenAI's headers and errors, what remains.
+
+Every test that touches the limit storage runs on memory:// and on the real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import httpx2
+import openai
+import pytest
+from pydantic import ValidationError
+
+from gate_middleware import (
+    AccountLimits,
+    ConfigurationError,
+    GateError,
+    GateSettings,
+    Gateway,
+    Principal,
+    ProviderSettings,
+    RequestRecord,
+)
+from gate_middleware.testing import FakeUpstream, Fault
+from gate_middleware.tokens import estimate_prompt_tokens
+
+from .conftest import KEY, free_port, make_gateway, mounted, sdk
+
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+CHAT = {"model": "openai/gpt-4.1", "messages": MESSAGES}
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The storage settings; on Redis, keys of this test's own, deleted afterwards."""
+    if request.param == "memory":
+        yield {"storage_uri": "memory://"}
+        return
+    url = request.getfixturevalue("redis_url")
+    prefix = f"gate-test-{uuid.uuid4().hex[:12]}"
+    yield {"storage_uri": url, "key_prefix": prefix}
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        keys = list(client.scan_iter(f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+
+
+@asynccontextmanager
+async def limited(
+    upstream: FakeUpstream, records: list[RequestRecord] | None = None, **limits: Any
+) -> AsyncIterator[tuple[Gateway, httpx2.AsyncClient]]:
+    gateway = make_gateway(upstream, records, rate_limits=limits)
+    async with gateway, client_for(gateway) as client:
+        yield gateway, client
+
+
+def client_for(gateway: Gateway, key: str = KEY) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(
+        transport=httpx2.ASGITransport(app=mounted(gateway)),
+        base_url="http://gate.test",
+        headers={"authorization": f"Bearer {key}"},
+    )
+
+
+async def remaining(client: httpx2.AsyncClient, scope: str, kind: str, name: str = "") -> int:
+    response = await client.get("/v1/ratelimits")
+    assert response.status_code == 200, response.text
+    for entry in response.json()["data"]:
+        if (
+            entry["scope"] == scope
+            and entry["type"] == kind
+            and (not name or entry["name"] == name)
+        ):
+            return int(entry["remaining"])
+    raise AssertionError(f"no {scope} {kind} limit in {response.json()}")
+
+
+# Requests ----------------------------------------------------------------------------
+
+
+async def test_requests_per_minute_through_the_sdk(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    gateway = make_gateway(upstream, rate_limits={**store, "key": {"requests": "3/minute"}})
+    async with gateway:
+        client = sdk(mounted(gateway))
+        seen = []
+        for _ in range(3):
+            raw = await client.chat.completions.with_raw_response.create(**CHAT)
+            seen.append(raw.headers["x-ratelimit-remaining-requests"])
+            assert raw.headers["x-ratelimit-limit-requests"] == "3"
+            assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+        assert seen == ["2", "1", "0"]
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(**CHAT)
+    error = refused.value
+    assert error.code == "rate_limit_exceeded" and error.type == "requests"
+    assert "requests per minute (RPM)" in error.message and "Limit 3, Used 3" in error.message
+    assert "sk-test-" in error.message and KEY not in error.message
+    headers = error.response.headers
+    assert 55 <= int(headers["retry-after"]) <= 60
+    assert "x-should-retry" not in headers  # a minute's wait: the SDK's retry is right
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(upstream.requests) == 3
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+async def test_exactly_n_admitted_under_a_burst(
+    store: dict[str, str], upstream: FakeUpstream, strategy: str
+) -> None:
+    limits = {**store, "strategy": strategy, "key": {"requests": "5/minute"}}
+    async with limited(upstream, **limits) as (_, client):
+        answers = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=CHAT) for _ in range(12))
+        )
+        statuses = sorted(r.status_code for r in answers)
+        assert statuses == [200] * 5 + [429] * 7
+        assert await remaining(client, "key", "requests") == 0
+    assert len(upstream.requests) == 5
+
+
+async def test_a_day_limit_tells_the_sdk_not_to_retry(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    async with limited(upstream, **store, key={"requests": "10/minute;1/day"}) as (_, client):
+        first = await client.post("/v1/chat/completions", json=CHAT)
+        # The tightest limit speaks in the headers: one a day, none left.
+        assert first.headers["x-ratelimit-limit-requests"] == "1"
+        assert first.headers["x-ratelimit-remaining-requests"] == "0"
+        assert first.headers["x-ratelimit-reset-requests"].startswith(("23h59m", "24h0m0s"))
+        refused = await client.post("/v1/chat/completions", json=CHAT)
+    assert refused.status_code == 429
+    assert "requests per day (RPD)" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) > 86000
+    assert refused.headers["x-should-retry"] == "false"
+
+
+# Tokens ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+async def test_tokens_estimated_up_front_and_corrected_after(
+    store: dict[str, str], upstream: FakeUpstream, strategy: str
+) -> None:
+    limits = {**store, "strategy": strategy, "completion_estimate": 300}
+    async with limited(upstream, **limits, key={"tokens": "10000/minute"}) as (_, client):
+        answer = await client.post("/v1/chat/completions", json=CHAT)
+        used = answer.json()["usage"]["total_tokens"]
+        estimate = 10000 - int(answer.headers["x-ratelimit-remaining-tokens"])
+        assert estimate > 300 > used  # prompt estimate + completion_estimate, then 16 words
+        left = await remaining(client, "key", "tokens")
+        if strategy == "fixed-window":
+            assert left == 10000 - used  # the over-estimate came back
+        else:
+            assert left == 10000 - estimate  # these windows keep what they counted
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+async def test_tokens_used_beyond_the_estimate_are_charged(
+    store: dict[str, str], upstream: FakeUpstream, strategy: str
+) -> None:
+    limits = {**store, "strategy": strategy, "completion_estimate": 0}
+    async with limited(upstream, **limits, key={"tokens": "10000/minute"}) as (_, client):
+        answer = await client.post("/v1/chat/completions", json=CHAT)
+        estimate = 10000 - int(answer.headers["x-ratelimit-remaining-tokens"])
+        used = answer.json()["usage"]["total_tokens"]
+        assert used > estimate
+        assert await remaining(client, "key", "tokens") == 10000 - used
+
+
+async def test_a_stream_is_corrected_when_it_ends(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    async with limited(upstream, **store, key={"tokens": "5000/minute"}) as (_, client):
+        body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-ratelimit-limit-tokens"] == "5000"
+        charged = 5000 - int(response.headers["x-ratelimit-remaining-tokens"])
+        assert charged == estimate_prompt_tokens(body) + 512  # no max_tokens: the default
+        last = [e for e in response.text.split("\n\n") if e.startswith("data: {")][-1]
+        used = json.loads(last.removeprefix("data: "))["usage"]["total_tokens"]
+        assert used < charged
+        assert await remaining(client, "key", "tokens") == 5000 - used
+
+
+async def test_a_request_larger_than_the_token_limit_is_refused_for_good(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    async with limited(upstream, **store, key={"tokens": "1000/minute"}) as (_, client):
+        refused = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5000})
+        assert refused.status_code == 429
+        error = refused.json()["error"]
+        assert error["type"] == "tokens" and error["code"] == "rate_limit_exceeded"
+        assert "Request too large" in error["message"] and "Limit 1000" in error["message"]
+        assert refused.headers["x-should-retry"] == "false"
+        assert "retry-after" not in refused.headers
+        assert await remaining(client, "key", "tokens") == 1000
+    assert upstream.requests == []
+
+
+async def test_tokens_refused_when_the_window_cannot_hold_the_estimate(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    async with limited(
+        upstream, **store, key={"requests": "100/minute", "tokens": "600/minute"}
+    ) as (_, client):
+        assert (
+            await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 300})
+        ).status_code == 200
+        before = await remaining(client, "key", "requests")
+        refused = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 580})
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] == "tokens"
+        assert "tokens per minute (TPM)" in refused.json()["error"]["message"]
+        # Both kinds of header on the refusal; the request it did not make is not counted.
+        assert refused.headers["x-ratelimit-remaining-requests"] == str(before)
+        assert int(refused.headers["x-ratelimit-remaining-tokens"]) < 580
+        assert await remaining(client, "key", "requests") == before
+
+
+async def test_an_upstream_failure_gives_the_tokens_back(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    async with limited(
+        upstream, **store, key={"requests": "10/minute", "tokens": "5000/minute"}
+    ) as (_, client):
+        upstream.schedule(Fault(status=500))
+        failed = await client.post("/v1/chat/completions", json=CHAT)
+        assert failed.status_code == 500
+        assert failed.headers["x-ratelimit-remaining-requests"] == "9"
+        assert await remaining(client, "key", "tokens") == 5000
+        assert await remaining(client, "key", "requests") == 9  # the request was made
+
+
+async def test_embeddings_are_charged_their_input_only(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    async with limited(upstream, **store, key={"tokens": "1000/minute"}) as (_, client):
+        response = await client.post(
+            "/v1/embeddings", json={"model": "openai/text-embedding-3-small", "input": "a" * 40}
+        )
+        assert response.status_code == 200
+        assert response.headers["x-ratelimit-remaining-tokens"] == str(1000 - 10)
+
+
+# Concurrency -------------------------------------------------------------------------
+
+
+async def test_requests_in_flight_per_key(store: dict[str, str], upstream: FakeUpstream) -> None:
+    async with limited(upstream, **store, key={"concurrency": 2}) as (_, client):
+        slow = {**CHAT, "fake_fault": {"latency": 0.5}}
+        first = [
+            asyncio.create_task(client.post("/v1/chat/completions", json=slow)) for _ in range(2)
+        ]
+        while len(upstream.requests) < 2:
+            await asyncio.sleep(0.01)
+        status = (await client.get("/v1/ratelimits")).json()["concurrency"]
+        assert status == {"limit": 2, "in_flight": 2}
+        refused = await client.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert "in flight" in refused.json()["error"]["message"]
+        assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        assert (await client.get("/v1/ratelimits")).json()["concurrency"]["in_flight"] == 0
+
+
+async def test_a_stream_holds_its_slot_until_it_ends(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    upstream.chunk_latency = 0.02
+    async with limited(upstream, **store, key={"concurrency": 1}) as (_, client):
+        body = {**CHAT, "stream": True, "max_tokens": 20}
+        stream = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+        while not upstream.open_streams:
+            await asyncio.sleep(0.01)
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 429
+        assert (await stream).status_code == 200
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+# Who is limited ----------------------------------------------------------------------
+
+
+class Keys:
+    """An account system in miniature: keys whose principals carry their own limits."""
+
+    def __init__(self, principals: dict[str, Principal]) -> None:
+        self.principals = principals
+
+    async def authenticate(self, key: str) -> Principal | None:
+        return self.principals.get(key)
+
+
+async def test_key_and_account_limits_from_the_principal(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    parent = AccountLimits("acct-parent", rpm=3)
+    child = AccountLimits("acct-child", rpm=10)  # more than its parent allows
+    keys = {
+        "sk-alice-000000": Principal("alice", "sk-alice...", rpm=2, accounts=(child, parent)),
+        "sk-bob-00000000": Principal("bob", "sk-bob-0...", rpm=2, accounts=(parent,)),
+    }
+    gateway = Gateway(
+        GateSettings(
+            providers={"openai": ProviderSettings(base_url="http://upstream/v1")},
+            rate_limits={**store, "key": {"requests": "100/minute"}},
+        ),
+        authenticator=Keys(keys),
+        http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=upstream)),
+    )
+    async with (
+        gateway,
+        client_for(gateway, "sk-alice-000000") as alice,
+        client_for(gateway, "sk-bob-00000000") as bob,
+    ):
+        assert [
+            (await alice.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(3)
+        ] == [
+            200,
+            200,
+            429,
+        ]
+        # The key's own rpm replaced the settings' 100.
+        assert (await alice.get("/v1/ratelimits")).json()["data"][0]["limit"] == 2
+        assert (await bob.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        refused = await bob.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 429
+        assert "account acct-parent" in refused.json()["error"]["message"]
+        # Refused by its parent, bob's own count got the request back.
+        assert await remaining(bob, "key", "requests") == 1
+        assert await remaining(bob, "account", "requests", "acct-parent") == 0
+
+
+async def test_model_limits_per_key_and_deployment_limits_for_all(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    keys = {
+        "sk-alice-000000": Principal("alice", "sk-alice..."),
+        "sk-bob-00000000": Principal("bob", "sk-bob-0..."),
+    }
+    gateway = Gateway(
+        GateSettings(
+            providers={"openai": ProviderSettings(base_url="http://upstream/v1")},
+            rate_limits={
+                **store,
+                "models": {"gpt-4.1": {"requests": "1/minute"}},  # an alias works too
+                "deployments": {"openai/gpt-4o": {"requests": "3/minute"}},
+            },
+        ),
+        authenticator=Keys(keys),
+        http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=upstream)),
+    )
+    async with (
+        gateway,
+        client_for(gateway, "sk-alice-000000") as alice,
+        client_for(gateway, "sk-bob-00000000") as bob,
+    ):
+        assert (await alice.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        refused = await alice.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 429
+        assert "model openai/gpt-4.1" in refused.json()["error"]["message"]
+        assert (await bob.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+        other = {**CHAT, "model": "openai/gpt-4o"}
+        statuses = [
+            (await c.post("/v1/chat/completions", json=other)).status_code
+            for c in (alice, bob, alice, bob)
+        ]
+        assert statuses == [200, 200, 200, 429]
+        refused = await alice.post("/v1/chat/completions", json=other)
+        assert "upstream openai/gpt-4o" in refused.json()["error"]["message"]
+        snapshot = (await bob.get("/v1/ratelimits")).json()["data"]
+        assert {(e["scope"], e["name"], e["remaining"]) for e in snapshot} == {
+            ("model", "openai/gpt-4.1", 0),
+            ("deployment", "openai/gpt-4o", 0),
+        }
+
+
+class Refuses:
+    """A later guard (a quota, say) that refuses every request."""
+
+    async def admit(self, record: RequestRecord) -> None:
+        raise GateError(
+            "No credit left.", status=402, type="insufficient_quota", code="insufficient_quota"
+        )
+
+    async def settle(self, record: RequestRecord) -> None:
+        pass
+
+
+async def test_a_refusal_by_a_later_guard_gives_everything_back(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    gateway = Gateway(
+        GateSettings(
+            api_keys=[KEY],
+            providers={"openai": ProviderSettings(base_url="http://upstream/v1")},
+            rate_limits={
+                **store,
+                "key": {"requests": "5/minute", "tokens": "9000/minute", "concurrency": 1},
+            },
+        ),
+        guards=[Refuses()],
+        http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=upstream)),
+    )
+    async with gateway, client_for(gateway) as client:
+        for _ in range(3):
+            refused = await client.post("/v1/chat/completions", json=CHAT)
+            assert refused.status_code == 402
+            assert refused.headers["x-ratelimit-remaining-requests"] == "4"
+        assert await remaining(client, "key", "requests") == 5
+        assert await remaining(client, "key", "tokens") == 9000
+        assert (await client.get("/v1/ratelimits")).json()["concurrency"]["in_flight"] == 0
+
+
+async def test_no_limits_no_headers(upstream: FakeUpstream) -> None:
+    async with limited(upstream) as (_, client):
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200
+        assert not [h for h in response.headers if h.startswith("x-ratelimit")]
+        assert (await client.get("/v1/ratelimits")).json()["data"] == []
+
+
+async def test_the_query_endpoint_needs_a_key(upstream: FakeUpstream) -> None:
+    gateway = make_gateway(upstream, rate_limits={"key": {"requests": "3/minute"}})
+    async with gateway, client_for(gateway, "sk-wrong-000000") as stranger:
+        response = await stranger.get("/v1/ratelimits")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+async def test_the_query_endpoint_describes_each_limit(upstream: FakeUpstream) -> None:
+    async with limited(
+        upstream, key={"requests": "3/minute;100/day", "tokens": "9000/minute", "concurrency": 4}
+    ) as (_, client):
+        await client.post("/v1/chat/completions", json=CHAT)
+        body = (await client.get("/v1/ratelimits")).json()
+    assert body["object"] == "rate_limits" and body["key"] == "sk-test-..."
+    assert body["strategy"] == "fixed-window"
+    rpm, rpd, tpm = body["data"]
+    assert (rpm["type"], rpm["limit"], rpm["remaining"], rpm["window"]) == (
+        "requests",
+        3,
+        2,
+        "minute",
+    )
+    assert rpm["window_seconds"] == 60 and 0 < rpm["reset_seconds"] <= 60
+    assert (rpd["limit"], rpd["remaining"], rpd["window"]) == (100, 99, "day")
+    assert tpm["type"] == "tokens" and 8900 < tpm["remaining"] < 9000
+    assert body["concurrency"] == {"limit": 4, "in_flight": 0}
+
+
+# Configuration -----------------------------------------------------------------------
+
+
+def test_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATE_RATE_LIMITS__STORAGE_URI", "redis://127.0.0.1:6379/2")
+    monkeypatch.setenv("GATE_RATE_LIMITS__KEY__REQUESTS", "60/minute;1000/day")
+    monkeypatch.setenv("GATE_RATE_LIMITS__KEY__CONCURRENCY", "4")
+    monkeypatch.setenv("GATE_RATE_LIMITS__MODELS", '{"openai/gpt-4.1": {"tokens": "30000/minute"}}')
+    limits = GateSettings().rate_limits
+    assert limits.storage_uri == "redis://127.0.0.1:6379/2"
+    assert limits.key.requests == "60/minute;1000/day" and limits.key.concurrency == 4
+    assert limits.models["openai/gpt-4.1"].tokens == "30000/minute"
+
+
+def test_a_typo_in_a_limit_fails_at_start_up() -> None:
+    with pytest.raises(ValidationError, match="60/fortnight"):
+        GateSettings(rate_limits={"key": {"requests": "60/fortnight"}})
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"storage_uri": "memcached://127.0.0.1"}, "Unsupported rate-limit storage"),
+        ({"models": {"acme/nothing": {"requests": "1/minute"}}}, "unknown model 'acme/nothing'"),
+        ({"deployments": {"anthropic": {"requests": "1/minute"}}}, "provider is not configured"),
+    ],
+)
+def test_configuration_mistakes_fail_when_the_gateway_is_built(
+    upstream: FakeUpstream, limits: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        make_gateway(upstream, rate_limits=limits)
+
+
+# The storage going away --------------------------------------------------------------
+
+
+class Proxy:
+    """A TCP relay to Redis on loopback that can be cut and restored: an outage on demand."""
+
+    def __init__(self, target: str) -> None:
+        parts = httpx.URL(target)
+        self.target = (parts.host, parts.port or 6379)
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+        self.writers.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[Proxy]:
+    proxy = Proxy(redis_url)
+    await proxy.start()
+    yield proxy
+    if proxy.server is not None and proxy.server.is_serving():
+        await proxy.stop()
+
+
+async def test_fail_open_admits_and_logs_once_per_incident(
+    proxy: Proxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = f"redis://127.0.0.1:{proxy.port}/0"
+    limits = {"storage_uri": uri, "key_prefix": f"gate-test-{uuid.uuid4().hex[:12]}"}
+    async with limited(upstream, **limits, key={"requests": "100/minute"}) as (_, client):
+        caplog.set_level(logging.WARNING, "gate_middleware.ratelimit")
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        await proxy.stop()
+        for _ in range(2):
+            response = await client.post("/v1/chat/completions", json=CHAT)
+            assert response.status_code == 200
+            assert "x-ratelimit-limit-requests" not in response.headers
+            await asyncio.sleep(1.05)  # past the pause between attempts: it tries again
+        down = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(down) == 1 and "admitting requests unchecked" in down[0].getMessage()
+        assert KEY not in caplog.text
+
+        await proxy.start()
+        await asyncio.sleep(1.1)
+        back = await client.post("/v1/chat/completions", json=CHAT)
+        assert back.headers["x-ratelimit-remaining-requests"] == "98"
+        assert any("answers again" in r.getMessage() for r in caplog.records)
+        await proxy.stop()
+        await client.post("/v1/chat/completions", json=CHAT)
+        assert len([r for r in caplog.records if "unreachable" in r.getMessage()]) == 2
+
+
+async def test_fail_closed_answers_503(upstream: FakeUpstream) -> None:
+    limits = {"storage_uri": "redis://127.0.0.1:1/0", "on_storage_error": "closed"}
+    async with limited(upstream, **limits, key={"requests": "100/minute"}) as (gateway, client):
+        for _ in range(2):
+            response = await client.post("/v1/chat/completions", json=CHAT)
+            assert response.status_code == 503
+            error = response.json()["error"]
+            assert error["type"] == "server_error" and error["code"] == "service_unavailable"
+            assert "Rate limits cannot be checked" in error["message"]
+        assert (await client.get("/v1/ratelimits")).status_code == 503
+        with pytest.raises(openai.InternalServerError):
+            await sdk(mounted(gateway)).chat.completions.create(**CHAT)
+    assert upstream.requests == []
+
+
+# Several processes, one Redis --------------------------------------------------------
+
+
+async def test_two_server_processes_share_a_limit_on_redis(redis_url: str) -> None:
+    """`gate-middleware serve` twice on one Redis: 7 a minute means 7, across both."""
+    limit, burst = 7, 30
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATE_")}
+    env |= {
+        "GATE_API_KEYS": KEY,
+        "GATE_RATE_LIMITS__STORAGE_URI": redis_url,
+        "GATE_RATE_LIMITS__KEY_PREFIX": f"gate-test-{uuid.uuid4().hex[:12]}",
+        "GATE_RATE_LIMITS__KEY__REQUESTS": f"{limit}/minute",
+    }
+    ports = [free_port(), free_port()]
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gate_middleware", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        async with httpx2.AsyncClient(headers={"authorization": f"Bearer {KEY}"}) as http:
+            for port in ports:
+                await _until_up(http, f"http://127.0.0.1:{port}/healthz")
+            # One each: the second process sees the first one's request.
+            for n, port in enumerate(ports, 1):
+                answer = await http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT)
+                assert answer.headers["x-ratelimit-remaining-requests"] == str(limit - n)
+            answers = await asyncio.gather(
+                *(
+                    http.post(f"http://127.0.0.1:{ports[i % 2]}/v1/chat/completions", json=CHAT)
+                    for i in range(burst)
+                )
+            )
+            statuses = sorted(a.status_code for a in answers)
+            assert statuses == [200] * (limit - 2) + [429] * (burst - limit + 2)
+            for port in ports:
+                snapshot = (await http.get(f"http://127.0.0.1:{port}/v1/ratelimits")).json()
+                assert snapshot["data"][0]["remaining"] == 0
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(10)
+
+
+async def _until_up(http: httpx2.AsyncClient, url: str) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if (await http.get(url)).json().get("status") == "ok":
+                return
+        except httpx2.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not come up")
+        await asyncio.sleep(0.05)
