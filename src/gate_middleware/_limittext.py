@@ -28,27 +28,34 @@ _ABBREVIATIONS = {
 }
 
 
+_HEADER_NAMES = {
+    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens")
+}
+
+
 def openai_headers(kind: str, limit: int, remaining: int, reset_in: float) -> dict[str, str]:
+    limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
     return {
-        f"x-ratelimit-limit-{kind}": str(limit),
-        f"x-ratelimit-remaining-{kind}": str(max(remaining, 0)),
-        f"x-ratelimit-reset-{kind}": duration(max(reset_in, 0.0)),
+        limit_name: str(limit),
+        remaining_name: str(remaining) if remaining > 0 else "0",
+        reset_name: duration(reset_in) if reset_in > 0 else "0s",
     }
 
 
 def duration(seconds: float) -> str:
     """OpenAI's reset format (Go's durations): "20ms", "1.5s", "6m0s", "1h2m3s"."""
-    ms = round(seconds * 1000)
+    ms = int(seconds * 1000 + 0.5)
     if ms < 1000:
         return f"{ms}ms" if ms else "0s"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
+    whole, ms = divmod(ms, 1000)
+    secs = f"{whole % 60}.{ms:03d}".rstrip("0").rstrip(".") if ms else str(whole % 60)
+    if whole < 60:
+        return secs + "s"
+    minutes = whole // 60
+    if minutes < 60:
         return f"{minutes}m{secs}s"
-    return f"{secs}s"
+    return f"{minutes // 60}h{minutes % 60}m{secs}s"
 
 
 def window(item: RateLimitItem) -> str:
