@@ -24,11 +24,11 @@ import pytest
 from pydantic import ValidationError
 
 from gate_middleware import (
-    AccountLimits,
     ConfigurationError,
     GateError,
     GateSettings,
     Gateway,
+    Level,
     Principal,
     ProviderSettings,
     RequestRecord,
@@ -36,7 +36,7 @@ from gate_middleware import (
 from gate_middleware.testing import FakeUpstream, Fault
 from gate_middleware.tokens import estimate_prompt_tokens
 
-from .conftest import KEY, free_port, make_gateway, mounted, sdk
+from .conftest import KEY, free_port, fund, make_billing_gateway, make_gateway, mounted, sdk
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 CHAT = {"model": "openai/gpt-4.1", "messages": MESSAGES}
@@ -240,7 +240,9 @@ async def test_an_upstream_failure_gives_the_tokens_back(
         upstream, **store, key={"requests": "10/minute", "tokens": "5000/minute"}
     ) as (_, client):
         upstream.schedule(Fault(status=500))
-        failed = await client.post("/v1/chat/completions", json=CHAT)
+        failed = await client.post(
+            "/v1/chat/completions", json=CHAT, headers={"x-gate-max-retries": "0"}
+        )
         assert failed.status_code == 500
         assert failed.headers["x-ratelimit-remaining-requests"] == "9"
         assert await remaining(client, "key", "tokens") == 5000
@@ -309,11 +311,13 @@ class Keys:
 async def test_key_and_account_limits_from_the_principal(
     store: dict[str, str], upstream: FakeUpstream
 ) -> None:
-    parent = AccountLimits("acct-parent", rpm=3)
-    child = AccountLimits("acct-child", rpm=10)  # more than its parent allows
+    # What an account system hands over: the key's tightest rpm, and its chain (root
+    # first), each account with its own limits.
+    parent = Level("acct-parent", rpm=3)
+    child = Level("acct-child", rpm=10)
     keys = {
-        "sk-alice-000000": Principal("alice", "sk-alice...", rpm=2, accounts=(child, parent)),
-        "sk-bob-00000000": Principal("bob", "sk-bob-0...", rpm=2, accounts=(parent,)),
+        "sk-alice-000000": Principal("alice", "sk-alice...", rpm=2, chain=(parent, child)),
+        "sk-bob-00000000": Principal("bob", "sk-bob-0...", rpm=2, chain=(parent,)),
     }
     gateway = Gateway(
         GateSettings(
@@ -328,22 +332,20 @@ async def test_key_and_account_limits_from_the_principal(
         client_for(gateway, "sk-alice-000000") as alice,
         client_for(gateway, "sk-bob-00000000") as bob,
     ):
-        assert [
+        statuses = [
             (await alice.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(3)
-        ] == [
-            200,
-            200,
-            429,
         ]
+        assert statuses == [200, 200, 429]
         # The key's own rpm replaced the settings' 100.
         assert (await alice.get("/v1/ratelimits")).json()["data"][0]["limit"] == 2
         assert (await bob.post("/v1/chat/completions", json=CHAT)).status_code == 200
         refused = await bob.post("/v1/chat/completions", json=CHAT)
         assert refused.status_code == 429
         assert "account acct-parent" in refused.json()["error"]["message"]
-        # Refused by its parent, bob's own count got the request back.
+        # Refused by the parent, bob's own count got the request back.
         assert await remaining(bob, "key", "requests") == 1
         assert await remaining(bob, "account", "requests", "acct-parent") == 0
+        assert await remaining(alice, "account", "requests", "acct-child") == 8
 
 
 async def test_model_limits_per_key_and_deployment_limits_for_all(
@@ -389,6 +391,61 @@ async def test_model_limits_per_key_and_deployment_limits_for_all(
             ("model", "openai/gpt-4.1", 0),
             ("deployment", "openai/gpt-4o", 0),
         }
+
+
+async def test_accounts_from_the_database_share_their_limits(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    gateway = make_billing_gateway(upstream, "memory://", rate_limits=store)
+    async with gateway:
+        parent, parent_key = await fund(gateway, "10", rpm=3)
+        _, child_key = await fund(gateway, "10", parent=parent, rpm=3, key={"rpm": 2})
+        async with client_for(gateway, child_key) as child, client_for(gateway, parent_key) as top:
+            # The child's key: the tightest of its own 2 and its accounts' 3.
+            statuses = [
+                (await child.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(3)
+            ]
+            assert statuses == [200, 200, 429]
+            # The parent's own key shares the parent's 3 with every key below it.
+            assert (await top.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            refused = await top.post("/v1/chat/completions", json=CHAT)
+            assert refused.status_code == 429
+            assert f"account {parent}" in refused.json()["error"]["message"]
+
+
+async def test_a_full_upstream_is_skipped_for_the_next_candidate(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    gateway = make_gateway(
+        upstream,
+        providers={
+            "openai": ProviderSettings(base_url="http://upstream/v1"),
+            "backup": ProviderSettings(base_url="http://upstream/v1"),
+        },
+        models={
+            "openai/gpt-4.1": {
+                "deployments": [{"provider": "openai"}, {"provider": "backup"}],
+            }
+        },
+        health_failures=1,
+        rate_limits={**store, "deployments": {"openai": {"requests": "1/minute"}}},
+    )
+    body = {**CHAT, "provider": {"order": ["openai", "backup"]}}
+    async with gateway, client_for(gateway) as client:
+        first = await client.post("/v1/chat/completions", json=body)
+        assert first.headers["x-gate-provider"] == "openai"
+        for _ in range(2):
+            second = await client.post("/v1/chat/completions", json=body)
+            assert second.status_code == 200 and second.headers["x-gate-provider"] == "backup"
+        # Full by our own count, not failing: the upstream is not cooled down.
+        assert gateway.health.cooling_until("openai:gpt-4.1") == 0
+        only = {**CHAT, "provider": {"order": ["openai"], "allow_fallbacks": False}}
+        refused = await client.post("/v1/chat/completions", json=only)
+        assert refused.status_code == 429
+        error = refused.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+        assert "upstream openai" in error["message"]
+        assert int(refused.headers["retry-after"]) > 50
 
 
 class Refuses:

@@ -19,6 +19,7 @@ from .errors import (
     RateLimitError,
     ServiceUnavailableError,
     UpstreamError,
+    UpstreamLimitError,
 )
 from .errors import handle_gate_error as gate_exception_handler
 from .guard import Guard
@@ -87,6 +88,7 @@ __all__ = [
     "Storage",
     "StorageConflict",
     "UpstreamError",
+    "UpstreamLimitError",
     "__version__",
     "gate_exception_handler",
     "storage_from_url",

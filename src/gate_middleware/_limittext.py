@@ -29,7 +29,11 @@ _ABBREVIATIONS = {
 
 
 _HEADER_NAMES = {
-    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
     for kind in ("requests", "tokens")
 }
 

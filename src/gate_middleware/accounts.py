@@ -81,7 +81,7 @@ def principal_for(key: ApiKey, chain: list[Account]) -> Principal:
         key_hint=key.prefix + "...",
         account_id=key.account_id,
         key_id=key.id,
-        chain=tuple(Level(a.id, a.multiplier) for a in chain),
+        chain=tuple(Level(a.id, a.multiplier, a.rpm, a.tpm, a.rpd) for a in chain),
         key_multiplier=key.multiplier,
         allowed_models=_allowed([key.allowed_models, *(a.allowed_models for a in reversed(chain))]),
         rpm=_tightest(h.rpm for h in holders),

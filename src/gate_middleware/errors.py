@@ -10,6 +10,7 @@
     ├── RateLimitError           429 rate_limit_exceeded
     ├── ServiceUnavailableError  503 service_unavailable, e.g. limits cannot be checked
     ├── UpstreamError            the upstream's status, relayed
+    │   └── UpstreamLimitError   429, this gateway's own limit for an upstream
     └── GatewayNotStartedError   500, the host forgot the lifespan
     ConfigurationError           not HTTP: raised when the gateway is built
 
@@ -39,6 +40,7 @@ __all__ = [
     "RateLimitError",
     "ServiceUnavailableError",
     "UpstreamError",
+    "UpstreamLimitError",
     "error_body",
     "error_response",
 ]
@@ -151,6 +153,21 @@ class UpstreamError(GateError):
             self.headers["retry-after"] = str(max(1, round(retry_after)))
         if not self.retryable:
             self.headers["x-should-retry"] = "false"
+
+
+class UpstreamLimitError(UpstreamError):
+    """The gateway's own limit for an upstream (its vendor quota) is full: the attempt
+    fails like the vendor's 429 would, but the upstream is not marked unhealthy."""
+
+    def __init__(self, message: str, *, type: str, retry_after: float) -> None:
+        super().__init__(
+            message,
+            status=429,
+            type=type,
+            code="rate_limit_exceeded",
+            retry_after=retry_after,
+            retryable=True,
+        )
 
 
 class GatewayNotStartedError(GateError):

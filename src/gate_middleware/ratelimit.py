@@ -1,12 +1,16 @@
 """`RateLimitGuard`: requests, tokens and requests in flight, on the `limits` library.
 
 A request counts against every limit that applies to it, in this order:
-    key         the caller's key: its own limits (`Principal.rpm`...), else settings'
-    account     each account above the key up to the root; every request of a
-                sub-account also counts against its parent, so it never outruns it
-    model       per key and model
-    deployment  all keys together per upstream, to stay under the vendor's quota
+    key         the caller's key: its own limits (`Principal.rpm`..., the tightest of
+                the key's and its accounts'), else settings'
+    account     each account of the key's chain, with the account's own limits: all
+                its keys and sub-accounts share them, so none outruns its parent
+    model       per key and model asked for
     gateway     all keys together
+and then, per attempt at an upstream (each retry and fallback too), from `reach`:
+    deployment  all keys together per upstream, to stay under the vendor's quota; a
+                full one fails the attempt like the vendor's own 429 would, so the next
+                candidate is tried, without marking the upstream unhealthy
 
 Tokens are charged up front with an estimate (prompt + `max_tokens`, or
 `completion_estimate` for a chat that names none) and corrected in `settle`:
@@ -16,6 +20,8 @@ Tokens are charged up front with an estimate (prompt + `max_tokens`, or
   was charged in is still open, so no later window is credited. Moving and sliding
   windows cannot take entries back: the estimate stands, which errs on the safe side.
 A request refused (here or by a later guard) gives back what it took, the same way.
+The x-ratelimit-* headers speak of the caller's own limits (key, account, model,
+gateway); an upstream's quota shows only as a 429 once no candidate is left.
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ from . import _limittext as text
 from ._limitstore import LimitStore, check_uri, open_store
 from ._windows import Limit, Windows, new_limit, windows_for
 from .auth import Principal
-from .errors import ConfigurationError, NotFoundError, RateLimitError
+from .errors import ConfigurationError, NotFoundError, RateLimitError, UpstreamLimitError
 from .record import RequestRecord
-from .routing import Catalogue
+from .routing import Catalogue, Deployment
 from .settings import LimitSettings, RateLimitSettings
 
 __all__ = ["RateLimitGuard"]
@@ -63,6 +69,8 @@ class _Charge:
     taken: list[tuple[Limit, int]] = field(default_factory=list)
     slot: tuple[str, str] | None = None
     at: float = 0.0
+    # Per attempt at an upstream: when, and what its limits took.
+    attempts: list[tuple[float, list[tuple[Limit, int]]]] = field(default_factory=list)
 
 
 class RateLimitGuard:
@@ -73,6 +81,7 @@ class RateLimitGuard:
     ) -> None:
         check_uri(settings.storage_uri)
         self.settings = settings
+        self._catalogue = catalogue
         self._key = _rules(settings.key)
         self._models: dict[str, _Rules] = {}
         for name, limits in settings.models.items():
@@ -163,17 +172,47 @@ class RateLimitGuard:
                 return
             if charge.slot is not None:
                 await self._store_().release(*charge.slot)
-            used = _used(record, charge.tokens)
-            for limit, cost in charge.taken:
-                if limit.kind != "tokens" or used == cost:
-                    continue
-                windows = self._windows["tokens"]
-                if used > cost:
-                    await windows.add(limit, used - cost)
-                else:
-                    await windows.give_back(limit, cost - used, charge.at)
+            used = _used(record)
+            await self._correct(charge.taken, used, charge.at)
+            for number, (at, taken) in enumerate(charge.attempts, 1):
+                # Only the last attempt can have answered; the others made nothing.
+                await self._correct(taken, used if number == len(charge.attempts) else 0, at)
         except StorageError as exc:
             self._failed(exc, refuse=False)
+
+    async def reach(self, record: RequestRecord, deployment: Deployment) -> None:
+        """Charge an upstream's limits for one attempt at it; raise `UpstreamLimitError`
+        (a 429 the retry loop answers with the next candidate) when one is full."""
+        limits = self._deployment_limits(deployment)
+        if not limits or self._skip_storage():
+            return
+        charge = record.extra.get(_CHARGE)
+        if charge is None:
+            charge = record.extra[_CHARGE] = _Charge(tokens=self._estimate(record))
+        taken: list[tuple[Limit, int]] = []
+        try:
+            for limit in limits:
+                cost = 1 if limit.kind == "requests" else charge.tokens
+                windows = self._windows[limit.kind]
+                admitted, _ = await windows.take(limit, cost)
+                if admitted or windows.counts_refused:
+                    taken.append((limit, cost))
+                if not admitted:
+                    await self._return(taken, time.time())
+                    reset, remaining = await windows.stats(limit)
+                    refused = text.refused(limit, cost, reset, remaining)
+                    raise UpstreamLimitError(
+                        refused.message,
+                        type=limit.kind,
+                        retry_after=max(reset - time.time(), 0.001),
+                    )
+        except StorageError as exc:
+            with contextlib.suppress(StorageError):
+                await self._return(taken, time.time())
+            self._failed(exc, refuse=True)
+            return
+        self._answered()
+        charge.attempts.append((time.time(), taken))
 
     # The query endpoint ------------------------------------------------------------
 
@@ -182,9 +221,9 @@ class RateLimitGuard:
         limits = self._key_limits(principal)
         for model_id in self._models:
             limits += self._model_limits(principal, model_id)
+        limits += self._gateway
         for deployment in self._deployments.values():
             limits += deployment
-        limits += self._gateway
         concurrency = self._concurrency(principal)
         try:
             now = time.time()
@@ -222,20 +261,30 @@ class RateLimitGuard:
 
     def _plan(self, record: RequestRecord) -> tuple[Limit, ...]:
         principal = record.principal
-        cache_key = (principal, record.model_id, record.provider, record.upstream_model)
+        cache_key = (principal, record.model)
         plan = self._plans.get(cache_key)
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            deployments = self._deployments
+            model_id = None
+            if record.model and self._models:
+                with contextlib.suppress(NotFoundError):
+                    model_id = self._catalogue.resolve(record.model).id
             plan = self._plans[cache_key] = (
                 *self._key_limits(principal),
-                *self._model_limits(principal, record.model_id),
-                *deployments.get(record.provider or "", ()),
-                *deployments.get(f"{record.provider}/{record.upstream_model}", ()),
+                *self._model_limits(principal, model_id),
                 *self._gateway,
             )
         return plan
+
+    def _deployment_limits(self, deployment: Deployment) -> tuple[Limit, ...]:
+        if not self._deployments:
+            return ()
+        name = deployment.provider_name
+        return (
+            *self._deployments.get(name, ()),
+            *self._deployments.get(f"{name}/{deployment.model}", ()),
+        )
 
     def _key_limits(self, principal: Principal) -> list[Limit]:
         rules = _Rules(
@@ -244,13 +293,14 @@ class RateLimitGuard:
             None,
         )
         limits = _limits("key", principal.key_hint, ("key", principal.id), rules)
-        for account in principal.accounts:
+        for level in reversed(principal.chain):  # the key's own account first
             rules = _Rules(
-                _override((), {_MINUTE: account.rpm, _DAY: account.rpd}),
-                _override((), {_MINUTE: account.tpm}),
+                _override((), {_MINUTE: level.rpm, _DAY: level.rpd}),
+                _override((), {_MINUTE: level.tpm}),
                 None,
             )
-            limits += _limits("account", account.id, ("account", account.id), rules)
+            ids = ("account", level.account_id)
+            limits += _limits("account", level.account_id, ids, rules)
         return limits
 
     def _model_limits(self, principal: Principal, model_id: str | None) -> list[Limit]:
@@ -289,9 +339,22 @@ class RateLimitGuard:
             slot, charge.slot = charge.slot, None
             await self._store_().release(*slot)
         taken, charge.taken = charge.taken, []
-        now = time.time()
+        await self._return(taken, time.time())
+
+    async def _return(self, taken: list[tuple[Limit, int]], charged_at: float) -> None:
         for limit, cost in taken:
-            await self._windows[limit.kind].give_back(limit, cost, now)
+            await self._windows[limit.kind].give_back(limit, cost, charged_at)
+
+    async def _correct(self, taken: list[tuple[Limit, int]], used: int, charged_at: float) -> None:
+        """Bring the token charges to what was used (see the module's docstring)."""
+        windows = self._windows["tokens"]
+        for limit, cost in taken:
+            if limit.kind != "tokens" or used == cost:
+                continue
+            if used > cost:
+                await windows.add(limit, used - cost)
+            else:
+                await windows.give_back(limit, cost - used, charged_at)
 
     async def _headers(self, left: Sequence[tuple[Limit, int | None]]) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers, from the limit with the least left of each kind."""
@@ -383,9 +446,10 @@ def _slot_key(principal: Principal) -> str:
     return f"key/{principal.id}"
 
 
-def _used(record: RequestRecord, estimate: int) -> int:
+def _used(record: RequestRecord) -> int:
     if record.usage_reported:
         return record.prompt_tokens + record.completion_tokens
     if record.status >= 400 and record.status != 499 and record.ttft_ms is None:
         return 0  # the upstream failed before answering anything
-    return estimate  # an answer without usage, or a stream cut short: keep the estimate
+    # An answer without usage, or a stream cut short: what the relay counted.
+    return record.estimated_prompt_tokens + record.estimated_completion_tokens

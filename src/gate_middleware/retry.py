@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .errors import InvalidRequestError, UpstreamError
+from .errors import InvalidRequestError, UpstreamError, UpstreamLimitError
 from .health import HealthStore
 from .routing import Catalogue, Deployment, ModelEntry
 
@@ -154,7 +154,8 @@ async def run(
                     continue
                 raise
             failures[index] = failures.get(index, 0) + 1
-            await health.failure(candidate.deployment.key)
+            if not isinstance(error, UpstreamLimitError):  # our own limit: not its health
+                await health.failure(candidate.deployment.key)
             if time.monotonic() >= deadline:
                 break
             position = index + 1
