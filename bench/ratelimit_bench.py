@@ -5,7 +5,7 @@
 2. The whole gateway app in this process (ASGI calls, the built-in fake provider, no
    sockets): CPU per request with limits off and on, rounds interleaved. The steadiest
    figure for what limits add to a request on a shared machine.
-3. The gateway under wrk (bench/throughput.py's servers: uvicorn, fake upstream, all on
+3. The gateway under wrk (bench/_servers.py's servers: uvicorn, fake upstream, all on
    loopback), limits off, on memory://, on Redis: requests/s and the gateway process's
    CPU per request, rounds interleaved, medians and every round shown.
 
@@ -30,12 +30,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import ensure_wrk, free_port, run_wrk, serve  # noqa: E402
+from _servers import KEY, ensure_wrk, free_port, run_wrk, serve, stop  # noqa: E402
 
 from gate_middleware import GateSettings, Gateway, Principal, RequestRecord  # noqa: E402
 from gate_middleware.demo import create_app  # noqa: E402
 
-KEY = "sk-bench-0123456789"
 LIMITS: dict[str, Any] = {
     "key": {"requests": "10000000/minute", "tokens": "1000000000/minute", "concurrency": 10000}
 }
@@ -84,11 +83,13 @@ async def guard_cost(limits: dict[str, Any], requests: int, parallel: int, keys:
     """CPU microseconds of admit + settle per request, in this process."""
     gateway = Gateway(GateSettings(api_keys=[KEY], rate_limits=limits))
     guard = gateway.rate_limiter
+    deployment = gateway.catalogue.resolve("openai/gpt-4.1").deployments[0]
     principals = [Principal(f"key-{n}", "sk-bench...") for n in range(keys)]
 
     async def one(n: int, principal: Principal = principals[0]) -> None:
         record = _record(principal, n)
         await guard.admit(record)
+        await guard.reach(record, deployment)  # the one attempt at the upstream
         record.usage_reported, record.prompt_tokens, record.completion_tokens = True, 12, 16
         await guard.settle(record)
 
@@ -247,12 +248,12 @@ def throughput(redis_url: str | None, duration: int, rounds: int, connections: i
             "GATE_RATE_LIMITS__STORAGE_URI": redis_url,
             "GATE_RATE_LIMITS__KEY_PREFIX": prefixes[0],
         }
-    processes = [serve("_apps:upstream", up_port, env)]
+    processes = [serve("upstream", up_port, env)]
     targets = {}
     try:
         for name, config in configs.items():
             port = free_port()
-            processes.append(serve("_apps:gateway", port, config))
+            processes.append(serve("gateway", port, config))
             targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", processes[-1].pid)
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
         for url, pid in targets.values():
@@ -261,10 +262,7 @@ def throughput(redis_url: str | None, duration: int, rounds: int, connections: i
             for name, (url, pid) in targets.items():
                 results[name].append(run_wrk(wrk, url, BODY, duration, connections, pid))
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(10)
+        stop(processes)
         _forget(redis_url, prefixes)
     print(
         f"\n3. the gateway under wrk: non-streaming, {connections} connections, "

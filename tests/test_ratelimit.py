@@ -506,7 +506,8 @@ async def test_the_query_endpoint_describes_each_limit(upstream: FakeUpstream) -
         upstream, key={"requests": "3/minute;100/day", "tokens": "9000/minute", "concurrency": 4}
     ) as (_, client):
         await client.post("/v1/chat/completions", json=CHAT)
-        body = (await client.get("/v1/ratelimits")).json()
+        response = await client.get("/v1/ratelimits")
+        body = response.json()
     assert body["object"] == "rate_limits" and body["key"] == "sk-test-..."
     assert body["strategy"] == "fixed-window"
     rpm, rpd, tpm = body["data"]
@@ -520,6 +521,7 @@ async def test_the_query_endpoint_describes_each_limit(upstream: FakeUpstream) -
     assert (rpd["limit"], rpd["remaining"], rpd["window"]) == (100, 99, "day")
     assert tpm["type"] == "tokens" and 8900 < tpm["remaining"] < 9000
     assert body["concurrency"] == {"limit": 4, "in_flight": 0}
+    assert response.headers["x-request-id"].startswith("req_")
 
 
 # Configuration -----------------------------------------------------------------------

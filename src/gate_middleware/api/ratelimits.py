@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..auth import authenticate
-
 if TYPE_CHECKING:
     from ..app import Gateway
 
@@ -21,5 +19,6 @@ class RateLimitsAPI:
 
     async def get(self, request: Request) -> JSONResponse:
         gateway = self._gateway
-        principal = await authenticate(gateway.authenticator, request.headers)
-        return JSONResponse(await gateway.rate_limiter.snapshot(principal))
+        record = await gateway.begin(request, "ratelimits")
+        snapshot = await gateway.rate_limiter.snapshot(record.principal)
+        return JSONResponse(snapshot, headers={"x-request-id": record.request_id})
