@@ -209,6 +209,7 @@ async def test_a_request_larger_than_the_token_limit_is_refused_for_good(
         assert "Request too large" in error["message"] and "Limit 1000" in error["message"]
         assert refused.headers["x-should-retry"] == "false"
         assert "retry-after" not in refused.headers
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "1000"
         assert await remaining(client, "key", "tokens") == 1000
     assert upstream.requests == []
 
@@ -264,7 +265,8 @@ async def test_embeddings_are_charged_their_input_only(
 
 
 async def test_requests_in_flight_per_key(store: dict[str, str], upstream: FakeUpstream) -> None:
-    async with limited(upstream, **store, key={"concurrency": 2}) as (_, client):
+    limits = {"concurrency": 2, "requests": "1000/minute"}
+    async with limited(upstream, **store, key=limits) as (_, client):
         slow = {**CHAT, "fake_fault": {"latency": 0.5}}
         first = [
             asyncio.create_task(client.post("/v1/chat/completions", json=slow)) for _ in range(2)
@@ -275,6 +277,7 @@ async def test_requests_in_flight_per_key(store: dict[str, str], upstream: FakeU
         assert status == {"limit": 2, "in_flight": 2}
         refused = await client.post("/v1/chat/completions", json=CHAT)
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.headers["x-ratelimit-limit-requests"] == "1000"
         assert "in flight" in refused.json()["error"]["message"]
         assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
@@ -522,6 +525,26 @@ async def test_the_query_endpoint_describes_each_limit(upstream: FakeUpstream) -
     assert tpm["type"] == "tokens" and 8900 < tpm["remaining"] < 9000
     assert body["concurrency"] == {"limit": 4, "in_flight": 0}
     assert response.headers["x-request-id"].startswith("req_")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0, "0s"),
+        (0.02, "20ms"),
+        (1, "1s"),
+        (1.5, "1.5s"),
+        (59.998, "59.998s"),
+        (60, "1m0s"),
+        (86.4, "1m26.4s"),
+        (360, "6m0s"),
+        (3723.25, "1h2m3.25s"),
+    ],
+)
+def test_resets_are_written_as_openai_writes_them(seconds: float, shown: str) -> None:
+    from gate_middleware._limittext import duration
+
+    assert duration(seconds) == shown
 
 
 # Configuration -----------------------------------------------------------------------

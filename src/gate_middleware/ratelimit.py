@@ -31,34 +31,26 @@ import logging
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute, parse_many
 from limits.errors import StorageError
 
 from . import _limittext as text
+from ._limitplan import LimitPlans
 from ._limitstore import LimitStore, check_uri, open_store
-from ._windows import Limit, Windows, new_limit, windows_for
+from ._windows import Limit, Windows, windows_for
 from .auth import Principal
-from .errors import ConfigurationError, NotFoundError, RateLimitError, UpstreamLimitError
+from .errors import RateLimitError, UpstreamLimitError
 from .record import RequestRecord
 from .routing import Catalogue, Deployment
-from .settings import LimitSettings, RateLimitSettings
+from .settings import RateLimitSettings
 
 __all__ = ["RateLimitGuard"]
 
 logger = logging.getLogger("gate_middleware.ratelimit")
 
 _CHARGE = "gate.ratelimit"
-_MINUTE, _DAY = 60, 86400
-_MAX_PLANS = 10_000  # cached per (principal, model, deployment); cleared when full
 _RETRY_STORAGE = 1.0  # seconds between attempts while the storage is down
-
-
-class _Rules(NamedTuple):
-    requests: tuple[RateLimitItem, ...]
-    tokens: tuple[RateLimitItem, ...]
-    concurrency: int | None
 
 
 @dataclass(slots=True)
@@ -81,26 +73,7 @@ class RateLimitGuard:
     ) -> None:
         check_uri(settings.storage_uri)
         self.settings = settings
-        self._catalogue = catalogue
-        self._key = _rules(settings.key)
-        self._models: dict[str, _Rules] = {}
-        for name, limits in settings.models.items():
-            try:
-                model_id = catalogue.resolve(name).id
-            except NotFoundError:
-                raise ConfigurationError(f"Rate limits name unknown model {name!r}.") from None
-            self._models[model_id] = _rules(limits)
-        self._deployments: dict[str, tuple[Limit, ...]] = {}
-        for name, limits in settings.deployments.items():
-            if name.partition("/")[0] not in providers:
-                raise ConfigurationError(
-                    f"Rate limits name deployment {name!r}, whose provider is not configured "
-                    f"(have: {', '.join(sorted(providers))})."
-                )
-            ids = ("deployment", name)
-            self._deployments[name] = tuple(_limits("deployment", name, ids, _rules(limits)))
-        self._gateway = tuple(_limits("gateway", "", ("gateway",), _rules(settings.gateway)))
-        self._plans: dict[tuple[Any, ...], tuple[Limit, ...]] = {}
+        self._plans = LimitPlans(settings, catalogue, providers)
         self._store: LimitStore | None = None
         self._windows: dict[str, Windows] = {}
         self._down = False
@@ -129,8 +102,8 @@ class RateLimitGuard:
     # Guard -------------------------------------------------------------------------
 
     async def admit(self, record: RequestRecord) -> None:
-        plan = self._plan(record)
-        concurrency = self._concurrency(record.principal)
+        plan = self._plans.request(record.principal, record.model)
+        concurrency = self._plans.concurrency(record.principal)
         if (not plan and concurrency is None) or self._skip_storage():
             return
         charge = _Charge(tokens=self._estimate(record))
@@ -147,12 +120,15 @@ class RateLimitGuard:
                 if admitted or windows.counts_refused:
                     charge.taken.append((limit, cost))
                 if not admitted:
-                    raise await self._refusal(record, plan, limit, cost, charge)
+                    raise await self._refusal(record, limit, cost, charge)
                 left.append((limit, remaining))
             charge.at = time.time()
             record.headers.update(await self._headers(left))
         except RateLimitError:
-            await self._give_back(charge)
+            with contextlib.suppress(StorageError):  # the refusal stands either way
+                await self._give_back(charge)
+                every = await self._headers([(other, None) for other in plan])
+                record.headers.update({**every, **record.headers})
             raise
         except StorageError as exc:
             with contextlib.suppress(StorageError):
@@ -183,7 +159,7 @@ class RateLimitGuard:
     async def reach(self, record: RequestRecord, deployment: Deployment) -> None:
         """Charge an upstream's limits for one attempt at it; raise `UpstreamLimitError`
         (a 429 the retry loop answers with the next candidate) when one is full."""
-        limits = self._deployment_limits(deployment)
+        limits = self._plans.deployment(deployment)
         if not limits or self._skip_storage():
             return
         charge = record.extra.get(_CHARGE)
@@ -218,13 +194,8 @@ class RateLimitGuard:
 
     async def snapshot(self, principal: Principal) -> dict[str, Any]:
         """A key's limits and what remains of each, for `GET /ratelimits`."""
-        limits = self._key_limits(principal)
-        for model_id in self._models:
-            limits += self._model_limits(principal, model_id)
-        limits += self._gateway
-        for deployment in self._deployments.values():
-            limits += deployment
-        concurrency = self._concurrency(principal)
+        limits = self._plans.visible(principal)
+        concurrency = self._plans.concurrency(principal)
         try:
             now = time.time()
             data = []
@@ -257,62 +228,7 @@ class RateLimitGuard:
             "concurrency": {"limit": concurrency, "in_flight": in_flight},
         }
 
-    # Which limits apply ------------------------------------------------------------
-
-    def _plan(self, record: RequestRecord) -> tuple[Limit, ...]:
-        principal = record.principal
-        cache_key = (principal, record.model)
-        plan = self._plans.get(cache_key)
-        if plan is None:
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            model_id = None
-            if record.model and self._models:
-                with contextlib.suppress(NotFoundError):
-                    model_id = self._catalogue.resolve(record.model).id
-            plan = self._plans[cache_key] = (
-                *self._key_limits(principal),
-                *self._model_limits(principal, model_id),
-                *self._gateway,
-            )
-        return plan
-
-    def _deployment_limits(self, deployment: Deployment) -> tuple[Limit, ...]:
-        if not self._deployments:
-            return ()
-        name = deployment.provider_name
-        return (
-            *self._deployments.get(name, ()),
-            *self._deployments.get(f"{name}/{deployment.model}", ()),
-        )
-
-    def _key_limits(self, principal: Principal) -> list[Limit]:
-        rules = _Rules(
-            _override(self._key.requests, {_MINUTE: principal.rpm, _DAY: principal.rpd}),
-            _override(self._key.tokens, {_MINUTE: principal.tpm}),
-            None,
-        )
-        limits = _limits("key", principal.key_hint, ("key", principal.id), rules)
-        for level in reversed(principal.chain):  # the key's own account first
-            rules = _Rules(
-                _override((), {_MINUTE: level.rpm, _DAY: level.rpd}),
-                _override((), {_MINUTE: level.tpm}),
-                None,
-            )
-            ids = ("account", level.account_id)
-            limits += _limits("account", level.account_id, ids, rules)
-        return limits
-
-    def _model_limits(self, principal: Principal, model_id: str | None) -> list[Limit]:
-        rules = self._models.get(model_id or "")
-        if rules is None or model_id is None:
-            return []
-        return _limits("model", model_id, ("model", model_id, principal.id), rules)
-
-    def _concurrency(self, principal: Principal) -> int | None:
-        if principal.max_concurrency is not None:
-            return principal.max_concurrency
-        return self._key.concurrency
+    # Charging ----------------------------------------------------------------------
 
     def _estimate(self, record: RequestRecord) -> int:
         completion = record.max_completion_tokens
@@ -320,8 +236,6 @@ class RateLimitGuard:
             chat = record.endpoint.startswith("chat")
             completion = self.settings.completion_estimate if chat else 0
         return record.estimated_prompt_tokens + completion
-
-    # Charging ----------------------------------------------------------------------
 
     def _store_(self) -> LimitStore:
         assert self._store is not None, "the gateway's lifespan opens the limit storage"
@@ -371,11 +285,10 @@ class RateLimitGuard:
         return headers
 
     async def _refusal(
-        self, record: RequestRecord, plan: Sequence[Limit], limit: Limit, cost: int, charge: _Charge
+        self, record: RequestRecord, limit: Limit, cost: int, charge: _Charge
     ) -> RateLimitError:
-        """Give back what was taken, then say what was refused, with every header."""
+        """Give back what was taken, then say what was refused."""
         await self._give_back(charge)
-        record.headers.update(await self._headers([(other, None) for other in plan]))
         reset, remaining = await self._windows[limit.kind].stats(limit)
         # The refused limit speaks for its kind, even where another has less left.
         wait = reset - time.time()
@@ -411,35 +324,6 @@ class RateLimitGuard:
         if self._down:
             self._down = False
             logger.warning("The rate-limit storage answers again; limits apply.")
-
-
-def _rules(settings: LimitSettings) -> _Rules:
-    return _Rules(
-        tuple(parse_many(settings.requests)) if settings.requests else (),
-        tuple(parse_many(settings.tokens)) if settings.tokens else (),
-        settings.concurrency,
-    )
-
-
-def _override(
-    items: tuple[RateLimitItem, ...], own: dict[int, int | None]
-) -> tuple[RateLimitItem, ...]:
-    """Settings' items, with the key's own per-minute / per-day values in their place."""
-    kept = tuple(item for item in items if own.get(item.get_expiry()) is None)
-    added = tuple(
-        RateLimitItemPerMinute(amount) if seconds == _MINUTE else RateLimitItemPerDay(amount)
-        for seconds, amount in own.items()
-        if amount is not None
-    )
-    return kept + added
-
-
-def _limits(scope: str, name: str, ids: tuple[str, ...], rules: _Rules) -> list[Limit]:
-    return [
-        new_limit(scope, name, kind, item, (*ids, kind))
-        for kind, items in (("requests", rules.requests), ("tokens", rules.tokens))
-        for item in items
-    ]
 
 
 def _slot_key(principal: Principal) -> str:

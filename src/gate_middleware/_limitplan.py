@@ -1,0 +1,149 @@
+"""Which rate limits apply: to a request (key, accounts, model, gateway), to an attempt
+at an upstream (deployment), and what a key may see of them. Built once from settings;
+a request's own set is a cached tuple, looked up by its principal and model."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection
+from typing import NamedTuple
+
+from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute, parse_many
+
+from ._windows import Limit, new_limit
+from .auth import Principal
+from .errors import ConfigurationError, NotFoundError
+from .routing import Catalogue, Deployment
+from .settings import LimitSettings, RateLimitSettings
+
+__all__ = ["LimitPlans"]
+
+_MINUTE, _DAY = 60, 86400
+_MAX_PLANS = 10_000  # cached per (principal, model); cleared when full
+
+
+class _Rules(NamedTuple):
+    requests: tuple[RateLimitItem, ...]
+    tokens: tuple[RateLimitItem, ...]
+    concurrency: int | None
+
+
+class LimitPlans:
+    def __init__(
+        self, settings: RateLimitSettings, catalogue: Catalogue, providers: Collection[str]
+    ) -> None:
+        self._catalogue = catalogue
+        self._key = _rules(settings.key)
+        self._models: dict[str, _Rules] = {}
+        for name, limits in settings.models.items():
+            try:
+                model_id = catalogue.resolve(name).id
+            except NotFoundError:
+                raise ConfigurationError(f"Rate limits name unknown model {name!r}.") from None
+            self._models[model_id] = _rules(limits)
+        self._deployments: dict[str, tuple[Limit, ...]] = {}
+        for name, limits in settings.deployments.items():
+            if name.partition("/")[0] not in providers:
+                raise ConfigurationError(
+                    f"Rate limits name deployment {name!r}, whose provider is not configured "
+                    f"(have: {', '.join(sorted(providers))})."
+                )
+            ids = ("deployment", name)
+            self._deployments[name] = tuple(_limits("deployment", name, ids, _rules(limits)))
+        self._gateway = tuple(_limits("gateway", "", ("gateway",), _rules(settings.gateway)))
+        self._plans: dict[tuple[Principal, str], tuple[Limit, ...]] = {}
+
+    def request(self, principal: Principal, model: str) -> tuple[Limit, ...]:
+        """A request's limits, in the order they are charged."""
+        cache_key = (principal, model)
+        plan = self._plans.get(cache_key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            model_id = None
+            if model and self._models:
+                with contextlib.suppress(NotFoundError):
+                    model_id = self._catalogue.resolve(model).id
+            plan = self._plans[cache_key] = (
+                *self._key_limits(principal),
+                *self._model_limits(principal, model_id),
+                *self._gateway,
+            )
+        return plan
+
+    def deployment(self, deployment: Deployment) -> tuple[Limit, ...]:
+        """An upstream's limits, charged for each attempt at it."""
+        if not self._deployments:
+            return ()
+        name = deployment.provider_name
+        return (
+            *self._deployments.get(name, ()),
+            *self._deployments.get(f"{name}/{deployment.model}", ()),
+        )
+
+    def visible(self, principal: Principal) -> list[Limit]:
+        """Every limit a key's requests can meet, for `GET /ratelimits`."""
+        limits = self._key_limits(principal)
+        for model_id in self._models:
+            limits += self._model_limits(principal, model_id)
+        limits += self._gateway
+        for deployment in self._deployments.values():
+            limits += deployment
+        return limits
+
+    def concurrency(self, principal: Principal) -> int | None:
+        if principal.max_concurrency is not None:
+            return principal.max_concurrency
+        return self._key.concurrency
+
+    def _key_limits(self, principal: Principal) -> list[Limit]:
+        rules = _Rules(
+            _override(self._key.requests, {_MINUTE: principal.rpm, _DAY: principal.rpd}),
+            _override(self._key.tokens, {_MINUTE: principal.tpm}),
+            None,
+        )
+        limits = _limits("key", principal.key_hint, ("key", principal.id), rules)
+        for level in reversed(principal.chain):  # the key's own account first
+            rules = _Rules(
+                _override((), {_MINUTE: level.rpm, _DAY: level.rpd}),
+                _override((), {_MINUTE: level.tpm}),
+                None,
+            )
+            ids = ("account", level.account_id)
+            limits += _limits("account", level.account_id, ids, rules)
+        return limits
+
+    def _model_limits(self, principal: Principal, model_id: str | None) -> list[Limit]:
+        rules = self._models.get(model_id or "")
+        if rules is None or model_id is None:
+            return []
+        return _limits("model", model_id, ("model", model_id, principal.id), rules)
+
+
+def _rules(settings: LimitSettings) -> _Rules:
+    return _Rules(
+        tuple(parse_many(settings.requests)) if settings.requests else (),
+        tuple(parse_many(settings.tokens)) if settings.tokens else (),
+        settings.concurrency,
+    )
+
+
+def _override(
+    items: tuple[RateLimitItem, ...], own: dict[int, int | None]
+) -> tuple[RateLimitItem, ...]:
+    """Settings' items, with the key's own per-minute / per-day values in their place."""
+    kept = tuple(item for item in items if own.get(item.get_expiry()) is None)
+    added = tuple(
+        RateLimitItemPerMinute(amount) if seconds == _MINUTE else RateLimitItemPerDay(amount)
+        for seconds, amount in own.items()
+        if amount is not None
+    )
+    return kept + added
+
+
+def _limits(scope: str, name: str, ids: tuple[str, ...], rules: _Rules) -> list[Limit]:
+    return [
+        new_limit(scope, name, kind, item, (*ids, kind))
+        for kind, items in (("requests", rules.requests), ("tokens", rules.tokens))
+        for item in items
+    ]
