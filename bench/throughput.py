@@ -27,7 +27,8 @@ def main() -> None:
         "--servers",
         default="httpx_floor,aiohttp_floor,gateway_bare,gateway",
         help="comma-separated; gateway_bare: keys from settings, nothing else; gateway: "
-        "every feature on (accounts, quota holds and the ledger on SQLite)",
+        "every feature on (accounts, quota holds and the ledger on SQLite, rate limits in "
+        "memory, retries and health)",
     )
     args = parser.parse_args()
     wrk = ensure_wrk()
@@ -47,7 +48,15 @@ def main() -> None:
             if name == "gateway":
                 database = f"sqlite:///{tempfile.mkdtemp()}/bench.db"
                 key = asyncio.run(funded_key(database))
-                extra = {"GATE_API_KEYS": "", "GATE_DATABASE_URL": database}
+                extra = {
+                    "GATE_API_KEYS": "",
+                    "GATE_DATABASE_URL": database,
+                    # Limits high enough never to refuse: their checks still run.
+                    "GATE_RATE_LIMITS": json.dumps(
+                        {"key": {"requests": "10000000/minute", "tokens": "10000000000/minute",
+                                 "concurrency": 100000}}
+                    ),
+                }
             target = "gateway" if name.startswith("gateway") else name
             processes.append(serve(target, port, {**env, **extra}))
             url = f"http://127.0.0.1:{port}/v1/chat/completions"

@@ -735,3 +735,20 @@ async def _until_up(http: httpx2.AsyncClient, url: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{url} did not come up")
         await asyncio.sleep(0.05)
+
+
+async def test_get_key_reports_the_limits_that_apply(upstream: FakeUpstream) -> None:
+    from .conftest import fund, make_billing_gateway
+
+    gateway = make_billing_gateway(
+        upstream, "memory://", rate_limits={"key": {"requests": "2/minute;50/day", "tokens": "9000/minute"}}
+    )
+    async with gateway:
+        _, key = await fund(gateway, "1", rpm=1)  # the account is stricter than settings
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=mounted(gateway)),
+            base_url="http://t",
+            headers={"authorization": f"Bearer {key}"},
+        ) as http:
+            info = (await http.get("/v1/key")).json()["data"]["rate_limit"]
+    assert info == {"requests": 1, "interval": "1m", "tokens": 9000, "requests_per_day": 50}

@@ -91,6 +91,20 @@ class LimitPlans:
             limits += deployment
         return limits
 
+    def summary(self, principal: Principal) -> dict[str, int | None]:
+        """The strictest per-minute and per-day limits on a key (its own or an account's):
+        what OpenRouter-style `GET /key` reports."""
+        strictest: dict[tuple[str, int], int] = {}
+        for limit in self._key_limits(principal):
+            slot = (limit.kind, limit.item.get_expiry())
+            amount = limit.item.amount
+            strictest[slot] = min(amount, strictest.get(slot, amount))
+        return {
+            "rpm": strictest.get(("requests", _MINUTE)),
+            "tpm": strictest.get(("tokens", _MINUTE)),
+            "rpd": strictest.get(("requests", _DAY)),
+        }
+
     def concurrency(self, principal: Principal) -> int | None:
         if principal.max_concurrency is not None:
             return principal.max_concurrency

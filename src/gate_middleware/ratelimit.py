@@ -192,6 +192,10 @@ class RateLimitGuard:
 
     # The query endpoint ------------------------------------------------------------
 
+    def summary(self, principal: Principal) -> dict[str, int | None]:
+        """A key's strictest requests and tokens per minute, requests per day."""
+        return self._plans.summary(principal)
+
     async def snapshot(self, principal: Principal) -> dict[str, Any]:
         """A key's limits and what remains of each, for `GET /ratelimits`."""
         limits = self._plans.visible(principal)

@@ -121,6 +121,7 @@ class BillingAPI:
         remaining = max(0, account.available)
         if limit is not None:
             remaining = min(remaining, max(0, limit - spent))
+        limits = self._gateway.rate_limiter.summary(principal)
         return JSONResponse(
             {
                 "data": {
@@ -132,10 +133,10 @@ class BillingAPI:
                     "is_free_tier": False,
                     "account_id": account.id,
                     "rate_limit": {
-                        "requests": principal.rpm if principal.rpm is not None else -1,
+                        "requests": limits["rpm"] if limits["rpm"] is not None else -1,
                         "interval": "1m",
-                        "tokens": principal.tpm,
-                        "requests_per_day": principal.rpd,
+                        "tokens": limits["tpm"],
+                        "requests_per_day": limits["rpd"],
                     },
                     "expires_at": iso(key.expires_at) if key and key.expires_at else None,
                 }
