@@ -52,23 +52,29 @@ def _httpx_floor() -> Starlette:
         assert client is not None
         body = await request.body()
         upstream_request = client.build_request(
-            "POST", UPSTREAM + "/chat/completions", content=body,
+            "POST",
+            UPSTREAM + "/chat/completions",
+            content=body,
             headers={"content-type": "application/json"},
         )
         response = await client.send(upstream_request, stream=True)
         if b'"stream":true' in body.replace(b" ", b""):
+
             async def relay() -> AsyncIterator[bytes]:
                 try:
                     async for chunk in response.aiter_raw():
                         yield chunk
                 finally:
                     await response.aclose()
+
             return StreamingResponse(relay(), media_type="text/event-stream")
         content = await response.aread()
         await response.aclose()
         return Response(content, response.status_code, media_type="application/json")
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
+    return Starlette(
+        routes=[Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan
+    )
 
 
 def _aiohttp_floor() -> Starlette:
@@ -87,18 +93,22 @@ def _aiohttp_floor() -> Starlette:
             UPSTREAM + "/chat/completions", data=body, headers={"content-type": "application/json"}
         )
         if b'"stream":true' in body.replace(b" ", b""):
+
             async def relay() -> AsyncIterator[bytes]:
                 try:
                     async for chunk in response.content.iter_any():
                         yield chunk
                 finally:
                     response.release()
+
             return StreamingResponse(relay(), media_type="text/event-stream")
         content = await response.read()
         response.release()
         return Response(content, response.status, media_type="application/json")
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
+    return Starlette(
+        routes=[Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan
+    )
 
 
 def gateway() -> Starlette:

@@ -35,8 +35,19 @@ def serve(
     if ":" not in target:
         target = f"_apps:{target}"
     args = [
-        sys.executable, "-m", "uvicorn", target, "--port", str(port), "--loop", "uvloop",
-        "--http", "httptools", "--log-level", "warning", "--no-access-log",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        target,
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--log-level",
+        "warning",
+        "--no-access-log",
     ]
     if target.endswith(("gateway", "host_plain", "host_guarded")):
         args.append("--factory")
@@ -100,7 +111,9 @@ def run_wrk(
     before = cpu_seconds(pid)
     out = subprocess.run(
         [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     cpu = cpu_seconds(pid) - before
     os.unlink(script.name)

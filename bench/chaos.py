@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-
 from _servers import free_port, serve, stop
 
 KEY = "sk-bench-0123456789"
@@ -161,7 +160,9 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
-        "--max-retries", type=int, default=6,
+        "--max-retries",
+        type=int,
+        default=6,
         help="GATE_MAX_RETRIES; with 30%% faults, 0.3**7 = 0.02%% of requests exhaust 7 attempts",
     )
     args = parser.parse_args()
@@ -182,24 +183,35 @@ def main() -> None:
     cut = tally.stream_cut_clean
     before_first_byte = len(chaos) - cut  # every whole answer, and streams not cut mid-way
     success = tally.whole_ok / before_first_byte
-    print(f"{args.requests} requests, concurrency {args.concurrency}, half streaming, "
-          f"upstream fault rate {args.fault_rate:.0%} on each of 2 deployments, "
-          f"GATE_MAX_RETRIES={args.max_retries}")
-    print(f"faults before the first byte reached the client: {tally.whole_ok}/{before_first_byte} "
-          f"answered identically to the fault-free run = {success:.3%} (target >= 99.9%)")
+    print(
+        f"{args.requests} requests, concurrency {args.concurrency}, half streaming, "
+        f"upstream fault rate {args.fault_rate:.0%} on each of 2 deployments, "
+        f"GATE_MAX_RETRIES={args.max_retries}"
+    )
+    print(
+        f"faults before the first byte reached the client: {tally.whole_ok}/{before_first_byte} "
+        f"answered identically to the fault-free run = {success:.3%} (target >= 99.9%)"
+    )
     print(f"  failed with an OpenAI-shaped error: {tally.whole_failed}")
     streams = sum(r.stream for r in chaos)
-    print(f"streams cut after their first chunk, ending with an error event and [DONE]: "
-          f"{cut}/{streams} streams")
+    print(
+        f"streams cut after their first chunk, ending with an error event and [DONE]: "
+        f"{cut}/{streams} streams"
+    )
     print(f"corrupted answers (wrong, spliced, no [DONE], non-JSON error): {len(tally.corrupted)}")
     for line in tally.corrupted[:10]:
         print("  " + line)
     attempts = [r.attempts for r in chaos if r.status == 200]
-    print(f"attempts per answered request: mean {statistics.mean(attempts):.2f}, max {max(attempts)}")
+    print(
+        f"attempts per answered request: mean {statistics.mean(attempts):.2f}, max {max(attempts)}"
+    )
     for label, key in (("p50", 0.5), ("p99", 0.99)):
         base = percentile([r.seconds for r in reference], key) * 1000
         hit = percentile([r.seconds for r in chaos], key) * 1000
-        print(f"latency {label}: fault-free {base:.1f} ms, chaos {hit:.1f} ms, added {hit - base:+.1f} ms")
+        print(
+            f"latency {label}: fault-free {base:.1f} ms, chaos {hit:.1f} ms, "
+            f"added {hit - base:+.1f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument(
         "--postgres",
-        default=os.environ.get("GATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+        default=os.environ.get(
+            "GATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

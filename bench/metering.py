@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -51,7 +52,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument(
         "--postgres",
-        default=os.environ.get("GATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+        default=os.environ.get(
+            "GATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
     )
     args = parser.parse_args()
     wrk = ensure_wrk()
@@ -79,7 +82,12 @@ def main() -> None:
         messages = [{"role": "user", "content": "Benchmark me."}]
         cases = {
             "non-streaming": {"model": "openai/gpt-4.1", "messages": messages, "max_tokens": 16},
-            "streaming": {"model": "openai/gpt-4.1", "messages": messages, "stream": True, "max_tokens": 16},
+            "streaming": {
+                "model": "openai/gpt-4.1",
+                "messages": messages,
+                "stream": True,
+                "max_tokens": 16,
+            },
         }
         results: dict[str, dict[str, dict]] = {case: {} for case in cases}
         for name, (env, key) in setups.items():
@@ -97,24 +105,25 @@ def main() -> None:
         print(f"wrk: {args.connections} connections, {args.duration}s each, one uvicorn worker")
         for case, rows in results.items():
             print(f"\n{case}")
-            print(f"{'accounting':<12}{'req/s':>10}{'p50':>10}{'p99':>10}{'cpu ms/req':>12}{'non-2xx':>9}{'vs off: req/s / cpu':>22}")
-            off = {
-                k: (rows["off"][k] + rows["off again"][k]) / 2 for k in ("rps", "cpu_ms")
-            }
+            print(
+                f"{'accounting':<12}{'req/s':>10}{'p50':>10}{'p99':>10}{'cpu ms/req':>12}"
+                f"{'non-2xx':>9}{'vs off: req/s / cpu':>22}"
+            )
+            off = {k: (rows["off"][k] + rows["off again"][k]) / 2 for k in ("rps", "cpu_ms")}
             for name, r in rows.items():
                 change = (
                     f"{r['rps'] / off['rps'] - 1:+.1%} / {r['cpu_ms'] / off['cpu_ms'] - 1:+.0%}"
                     if not name.startswith("off")
                     else ""
                 )
-                print(f"{name:<12}{r['rps']:>10.0f}{r['p50']:>10}{r['p99']:>10}"
-                      f"{r['cpu_ms']:>12.3f}{r['errors']:>9}{change:>22}")
+                print(
+                    f"{name:<12}{r['rps']:>10.0f}{r['p50']:>10}{r['p99']:>10}"
+                    f"{r['cpu_ms']:>12.3f}{r['errors']:>9}{change:>22}"
+                )
     finally:
         stop([p for p in processes if p.poll() is None])
-        try:
+        with contextlib.suppress(Exception):
             asyncio.run(drop(args.postgres, schema))
-        except Exception:
-            pass
 
 
 if __name__ == "__main__":

@@ -31,12 +31,24 @@ def main() -> None:
         runs: dict[tuple[str, str], list[dict]] = {}
         cases = [("without", "/plain"), ("with", "/plain"), ("with", "/ai/ping")]
         for name, path in cases:  # warm-up
-            run_wrk(wrk, f"http://127.0.0.1:{ports[name]}{path}", None, 2, args.connections,
-                    processes[name].pid)
+            run_wrk(
+                wrk,
+                f"http://127.0.0.1:{ports[name]}{path}",
+                None,
+                2,
+                args.connections,
+                processes[name].pid,
+            )
         for _ in range(args.rounds):
             for name, path in cases:
-                result = run_wrk(wrk, f"http://127.0.0.1:{ports[name]}{path}", None,
-                                 args.duration, args.connections, processes[name].pid)
+                result = run_wrk(
+                    wrk,
+                    f"http://127.0.0.1:{ports[name]}{path}",
+                    None,
+                    args.duration,
+                    args.connections,
+                    processes[name].pid,
+                )
                 runs.setdefault((name, path), []).append(result)
         print(f"wrk: {args.connections} connections, {args.rounds} x {args.duration}s each")
         print(f"{'app':<28}{'req/s':>10}{'p50':>10}{'p99':>10}{'cpu ms/req':>12}{'non-2xx':>9}")
@@ -46,14 +58,20 @@ def main() -> None:
             cpu = sum(r["cpu_ms"] for r in results) / len(results)
             means[(name, path)] = (rps, cpu)
             last = results[-1]
-            print(f"{name + ' middleware, ' + path:<28}{rps:>10.0f}{last['p50']:>10}"
-                  f"{last['p99']:>10}{cpu:>12.3f}{sum(r['errors'] for r in results):>9}")
+            print(
+                f"{name + ' middleware, ' + path:<28}{rps:>10.0f}{last['p50']:>10}"
+                f"{last['p99']:>10}{cpu:>12.3f}{sum(r['errors'] for r in results):>9}"
+            )
         base, plain = means[("without", "/plain")], means[("with", "/plain")]
-        print(f"plain route with the middleware installed: {plain[0] / base[0] - 1:+.1%} req/s, "
-              f"{plain[1] / base[1] - 1:+.1%} CPU per request (target: under 5% slower)")
+        print(
+            f"plain route with the middleware installed: {plain[0] / base[0] - 1:+.1%} req/s, "
+            f"{plain[1] / base[1] - 1:+.1%} CPU per request (target: under 5% slower)"
+        )
         guarded = means[("with", "/ai/ping")]
-        print(f"a trivial guarded route: {guarded[0] / base[0] - 1:+.1%} req/s, "
-              f"{(guarded[1] - base[1]) * 1000:+.0f} us CPU per request")
+        print(
+            f"a trivial guarded route: {guarded[0] / base[0] - 1:+.1%} req/s, "
+            f"{(guarded[1] - base[1]) * 1000:+.0f} us CPU per request"
+        )
     finally:
         stop(list(processes.values()))
 

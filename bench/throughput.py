@@ -53,8 +53,13 @@ def main() -> None:
                     "GATE_DATABASE_URL": database,
                     # Limits high enough never to refuse: their checks still run.
                     "GATE_RATE_LIMITS": json.dumps(
-                        {"key": {"requests": "10000000/minute", "tokens": "10000000000/minute",
-                                 "concurrency": 100000}}
+                        {
+                            "key": {
+                                "requests": "10000000/minute",
+                                "tokens": "10000000000/minute",
+                                "concurrency": 100000,
+                            }
+                        }
                     ),
                 }
             target = "gateway" if name.startswith("gateway") else name
@@ -64,25 +69,33 @@ def main() -> None:
         messages = [{"role": "user", "content": "Benchmark me."}]
         cases = {
             "non-streaming": {
-                "model": "openai/gpt-4.1", "messages": messages, "max_tokens": args.stream_tokens
+                "model": "openai/gpt-4.1",
+                "messages": messages,
+                "max_tokens": args.stream_tokens,
             },
             "streaming": {
-                "model": "openai/gpt-4.1", "messages": messages, "stream": True,
+                "model": "openai/gpt-4.1",
+                "messages": messages,
+                "stream": True,
                 "max_tokens": args.stream_tokens,
             },
         }
         print(f"wrk: {args.connections} connections, {args.duration}s each, one uvicorn worker")
         for case, body in cases.items():
             print(f"\n{case}")
-            print(f"{'server':<15}{'req/s':>10}{'p50':>10}{'p99':>10}{'cpu ms/req':>12}{'non-2xx':>9}")
+            print(
+                f"{'server':<15}{'req/s':>10}{'p50':>10}{'p99':>10}{'cpu ms/req':>12}{'non-2xx':>9}"
+            )
             results = {}
             for name, (url, pid, key) in targets.items():
                 run_wrk(wrk, url, body, 2, args.connections, pid, key)  # warm-up
                 results[name] = r = run_wrk(
                     wrk, url, body, args.duration, args.connections, pid, key
                 )
-                print(f"{name:<15}{r['rps']:>10.0f}{r['p50']:>10}{r['p99']:>10}"
-                      f"{r['cpu_ms']:>12.3f}{r['errors']:>9}")
+                print(
+                    f"{name:<15}{r['rps']:>10.0f}{r['p50']:>10}{r['p99']:>10}"
+                    f"{r['cpu_ms']:>12.3f}{r['errors']:>9}"
+                )
             if {"gateway", "aiohttp_floor"} <= results.keys():
                 floor, gate = results["aiohttp_floor"], results["gateway"]
                 print(

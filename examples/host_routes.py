@@ -76,7 +76,9 @@ async def summarize_stream(body: Text, request: Request) -> StreamingResponse:
 
 
 @app.post("/translate")
-async def translate(body: Text, gate: GateContext = Depends(GateDependency(gateway))) -> dict[str, str]:
+async def translate(
+    body: Text, gate: GateContext = Depends(GateDependency(gateway))
+) -> dict[str, str]:
     client = gate.openai()
     answer = await client.chat.completions.create(
         model=body.model,

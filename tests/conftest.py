@@ -5,6 +5,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,12 +14,11 @@ import httpx2
 import openai
 import pytest
 import uvicorn
-import uuid
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.types import ASGIApp
 
-from gate_middleware import Gateway, GateSettings, ProviderSettings, RequestRecord
+from gate_middleware import GateSettings, Gateway, ProviderSettings, RequestRecord
 from gate_middleware.testing import FakeUpstream
 
 KEY = "sk-test-0123456789abcdef"
@@ -234,7 +234,11 @@ def make_billing_gateway(
 
 
 async def fund(
-    gateway: Gateway, usd: str | None, *, parent: str | None = None, key: dict | None = None,
+    gateway: Gateway,
+    usd: str | None,
+    *,
+    parent: str | None = None,
+    key: dict | None = None,
     **fields: Any,
 ) -> tuple[str, str]:
     """A new account (topped up with `usd`) and a key for it: (account id, secret)."""

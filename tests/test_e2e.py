@@ -54,7 +54,9 @@ async def test_sdk_end_to_end(stack: tuple[FakeUpstream, str, list[RequestRecord
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
         answer.choices[0].message.content
     )
-    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == answer.usage.total_tokens
+    assert (
+        chunks[-1].usage is not None and chunks[-1].usage.total_tokens == answer.usage.total_tokens
+    )
     embedded = await client.embeddings.create(model="openai/text-embedding-3-small", input="hi")
     assert len(embedded.data[0].embedding) == 256
     assert any(m.id == "openai/gpt-4.1" for m in (await client.models.list()).data)
@@ -74,12 +76,20 @@ async def test_stream_is_relayed_chunk_by_chunk(
     upstream, url, _ = stack
     upstream.chunk_latency = 0.05
     arrivals = []
-    async with httpx2.AsyncClient(timeout=10) as http, http.stream(
-        "POST",
-        url + "/v1/chat/completions",
-        headers={"authorization": f"Bearer {KEY}"},
-        json={"model": "openai/gpt-4.1", "messages": MESSAGES, "stream": True, "max_tokens": 10},
-    ) as response:
+    async with (
+        httpx2.AsyncClient(timeout=10) as http,
+        http.stream(
+            "POST",
+            url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json={
+                "model": "openai/gpt-4.1",
+                "messages": MESSAGES,
+                "stream": True,
+                "max_tokens": 10,
+            },
+        ) as response,
+    ):
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 arrivals.append(time.monotonic())
@@ -117,12 +127,20 @@ async def test_client_disconnect_cancels_the_upstream(
 ) -> None:
     upstream, url, records = stack
     upstream.chunk_latency = 0.1  # 200 words: 20 s if nobody hangs up
-    async with httpx2.AsyncClient(timeout=10) as http, http.stream(
-        "POST",
-        url + "/v1/chat/completions",
-        headers={"authorization": f"Bearer {KEY}"},
-        json={"model": "openai/gpt-4.1", "messages": MESSAGES, "stream": True, "max_tokens": 200},
-    ) as response:
+    async with (
+        httpx2.AsyncClient(timeout=10) as http,
+        http.stream(
+            "POST",
+            url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json={
+                "model": "openai/gpt-4.1",
+                "messages": MESSAGES,
+                "stream": True,
+                "max_tokens": 200,
+            },
+        ) as response,
+    ):
         seen = 0
         async for line in response.aiter_lines():
             seen += line.startswith("data: ")
@@ -169,9 +187,7 @@ def _use_the_cli_server(process: subprocess.Popen[str], port: int, directory: Pa
     while True:
         try:
             with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key) as client:
-                answer = client.chat.completions.create(
-                    model="openai/gpt-4.1", messages=MESSAGES
-                )
+                answer = client.chat.completions.create(model="openai/gpt-4.1", messages=MESSAGES)
             break
         except openai.APIConnectionError:
             if time.monotonic() > deadline:

@@ -89,11 +89,14 @@ async def test_wrong_or_missing_key_is_401_and_never_echoed(upstream: FakeUpstre
 
 async def test_body_over_the_limit_is_413(upstream: FakeUpstream) -> None:
     gateway = make_gateway(upstream, max_body_bytes=1000)
-    async with gateway, httpx2.AsyncClient(
-        transport=httpx2.ASGITransport(app=mounted(gateway)),
-        base_url="http://t",
-        headers={"authorization": f"Bearer {KEY}"},
-    ) as http:
+    async with (
+        gateway,
+        httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=mounted(gateway)),
+            base_url="http://t",
+            headers={"authorization": f"Bearer {KEY}"},
+        ) as http,
+    ):
         big = {"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "x" * 2000}]}
         response = await http.post("/v1/chat/completions", json=big)
         assert response.status_code == 413
@@ -186,11 +189,14 @@ async def test_a_host_provider_failing_unexpectedly_is_a_clean_500(upstream: Fak
 
     gateway = make_gateway(upstream)
     gateway.providers["openai"].chat = Broken().chat  # type: ignore[method-assign]
-    async with gateway, httpx2.AsyncClient(
-        transport=httpx2.ASGITransport(app=mounted(gateway), raise_app_exceptions=False),
-        base_url="http://t",
-        headers={"authorization": f"Bearer {KEY}"},
-    ) as http:
+    async with (
+        gateway,
+        httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=mounted(gateway), raise_app_exceptions=False),
+            base_url="http://t",
+            headers={"authorization": f"Bearer {KEY}"},
+        ) as http,
+    ):
         response = await http.post(
             "/v1/chat/completions", json={"model": "openai/gpt-4.1", "messages": MESSAGES}
         )
@@ -200,8 +206,12 @@ async def test_a_host_provider_failing_unexpectedly_is_a_clean_500(upstream: Fak
 
 
 @pytest.mark.parametrize(
-    "header", [{"retry-after": "soon"}, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"},
-               {"retry-after-ms": "x"}]
+    "header",
+    [
+        {"retry-after": "soon"},
+        {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"},
+        {"retry-after-ms": "x"},
+    ],
 )
 async def test_odd_retry_after_headers_do_not_break_relaying(header: dict[str, str]) -> None:
     from gate_middleware.providers.openai import upstream_error
@@ -212,9 +222,12 @@ async def test_odd_retry_after_headers_do_not_break_relaying(header: dict[str, s
 
 async def test_cors_for_browser_front_ends(upstream: FakeUpstream) -> None:
     gateway = make_gateway(upstream, cors_origins=["https://chat.example"])
-    async with gateway, httpx2.AsyncClient(
-        transport=httpx2.ASGITransport(app=mounted(gateway)), base_url="http://t"
-    ) as http:
+    async with (
+        gateway,
+        httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=mounted(gateway)), base_url="http://t"
+        ) as http,
+    ):
         preflight = await http.options(
             "/v1/chat/completions",
             headers={
@@ -232,7 +245,8 @@ async def test_cors_for_browser_front_ends(upstream: FakeUpstream) -> None:
         )
         assert answer.headers["access-control-allow-origin"] == "https://chat.example"
         other = await http.get(
-            "/v1/models", headers={"origin": "https://evil.example", "authorization": f"Bearer {KEY}"}
+            "/v1/models",
+            headers={"origin": "https://evil.example", "authorization": f"Bearer {KEY}"},
         )
         assert "access-control-allow-origin" not in other.headers
 
@@ -254,9 +268,17 @@ async def test_a_client_gone_mid_body_is_recorded_not_a_crash(
         sent.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/chat/completions", "raw_path": b"/chat/completions",
-        "query_string": b"", "root_path": "", "server": ("t", 80), "client": ("c", 1),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/chat/completions",
+        "raw_path": b"/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("t", 80),
+        "client": ("c", 1),
         "headers": [(b"authorization", f"Bearer {KEY}".encode())],
     }
     await gateway(scope, receive, send)

@@ -8,7 +8,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.testclient import TestClient
 
-from gate_middleware import ConfigurationError, Gateway, GateSettings
+from gate_middleware import ConfigurationError, GateSettings, Gateway
 from gate_middleware.testing import FakeUpstream
 
 from .conftest import KEY, make_gateway, mounted, sdk

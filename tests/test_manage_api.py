@@ -51,7 +51,12 @@ async def ok(response: Any, status: int = 200) -> dict[str, Any]:
 async def chat(http: httpx2.AsyncClient, **extra: Any) -> httpx2.Response:
     return await http.post(
         "/v1/chat/completions",
-        json={"model": "openai/gpt-4.1", "messages": MESSAGES, "max_tokens": 4, **extra.pop("body", {})},
+        json={
+            "model": "openai/gpt-4.1",
+            "messages": MESSAGES,
+            "max_tokens": 4,
+            **extra.pop("body", {}),
+        },
         **extra,
     )
 
@@ -69,11 +74,15 @@ async def test_reseller_flow_end_to_end(gateway: Gateway, admin: httpx2.AsyncCli
     reseller = await ok(await admin.post("/v1/accounts", json={"name": "Reseller"}), 201)
     assert reseller["balance_usd"] == 0 and reseller["parent_id"] is None
     topped = await ok(
-        await admin.post(f"/v1/accounts/{reseller['id']}/topups", json={"amount_usd": "2.5", "note": "invoice 7"}),
+        await admin.post(
+            f"/v1/accounts/{reseller['id']}/topups", json={"amount_usd": "2.5", "note": "invoice 7"}
+        ),
         201,
     )
     assert topped["credits_usd"] == 2.5
-    created = await ok(await admin.post(f"/v1/accounts/{reseller['id']}/keys", json={"name": "main"}), 201)
+    created = await ok(
+        await admin.post(f"/v1/accounts/{reseller['id']}/keys", json={"name": "main"}), 201
+    )
     secret = created["key"]
     assert secret.startswith("sk-gate-") and secret.startswith(created["prefix"])
     listed = await ok(await admin.get(f"/v1/accounts/{reseller['id']}/keys"))
@@ -83,35 +92,62 @@ async def test_reseller_flow_end_to_end(gateway: Gateway, admin: httpx2.AsyncCli
     async with client(app, secret) as parent:
         # The reseller makes a customer at twice its own price and gives it 1 USD.
         customer = await ok(
-            await parent.post("/v1/accounts", json={"name": "Customer", "multiplier": 2, "rpm": 10}), 201
+            await parent.post(
+                "/v1/accounts", json={"name": "Customer", "multiplier": 2, "rpm": 10}
+            ),
+            201,
         )
         assert customer["parent_id"] == reseller["id"]
-        await ok(await parent.post(f"/v1/accounts/{customer['id']}/topups", json={"amount_usd": 1}), 201)
-        child_key = (await ok(await parent.post(f"/v1/accounts/{customer['id']}/keys", json={"name": "c"}), 201))["key"]
+        await ok(
+            await parent.post(f"/v1/accounts/{customer['id']}/topups", json={"amount_usd": 1}), 201
+        )
+        child_key = (
+            await ok(
+                await parent.post(f"/v1/accounts/{customer['id']}/keys", json={"name": "c"}), 201
+            )
+        )["key"]
         # Its own balance and limits are not its own to change.
-        assert_error(await parent.post(f"/v1/accounts/{reseller['id']}/topups", json={"amount_usd": 5}), 403)
+        assert_error(
+            await parent.post(f"/v1/accounts/{reseller['id']}/topups", json={"amount_usd": 5}), 403
+        )
 
         async with client(app, child_key) as child:
             first = await chat(child, headers={"x-title": "Shop"})
             assert first.status_code == 200
             await chat(child)
             # The child sees neither its parent nor a sibling.
-            assert_error(await child.get(f"/v1/accounts/{reseller['id']}"), 404, "account_not_found")
+            assert_error(
+                await child.get(f"/v1/accounts/{reseller['id']}"), 404, "account_not_found"
+            )
             assert_error(await child.get("/v1/ledger", params={"account_id": reseller["id"]}), 404)
 
             sub = await ok(await child.get("/v1/dashboard/billing/subscription"))
             assert sub["hard_limit_usd"] == 1.0
-            usage = await ok(await child.get("/v1/dashboard/billing/usage", params={"start_date": "2020-01-01", "end_date": "2100-01-01"}))
+            usage = await ok(
+                await child.get(
+                    "/v1/dashboard/billing/usage",
+                    params={"start_date": "2020-01-01", "end_date": "2100-01-01"},
+                )
+            )
             assert usage["total_usage"] == pytest.approx(2 * COST * 2 / 1e7)  # cents
             key_info = await ok(await child.get("/v1/key"))
             assert key_info["data"]["usage"] == pytest.approx(2 * COST * 2 / 1e9)
             assert key_info["data"]["rate_limit"]["requests"] == 10
-            assert key_info["data"]["label"].startswith("sk-gate-") and child_key not in str(key_info)
+            assert key_info["data"]["label"].startswith("sk-gate-") and child_key not in str(
+                key_info
+            )
             credits = await ok(await child.get("/v1/credits"))
-            assert credits["data"] == {"total_credits": 1.0, "total_usage": pytest.approx(4 * COST / 1e9)}
-            generation = await ok(await child.get("/v1/generation", params={"id": first.headers["x-request-id"]}))
+            assert credits["data"] == {
+                "total_credits": 1.0,
+                "total_usage": pytest.approx(4 * COST / 1e9),
+            }
+            generation = await ok(
+                await child.get("/v1/generation", params={"id": first.headers["x-request-id"]})
+            )
             assert generation["data"]["total_cost"] == pytest.approx(2 * COST / 1e9)
-            assert generation["data"]["app"] == "Shop" and generation["data"]["tokens_completion"] == 4
+            assert (
+                generation["data"]["app"] == "Shop" and generation["data"]["tokens_completion"] == 4
+            )
             assert_error(await child.get("/v1/generation", params={"id": "req_nope"}), 404)
             assert_error(await child.get("/v1/generation"), 400)
 
@@ -120,7 +156,9 @@ async def test_reseller_flow_end_to_end(gateway: Gateway, admin: httpx2.AsyncCli
         [group] = overview["groups"]
         assert group["key"] == customer["id"] and group["requests"] == 2
         assert overview["totals"]["cost_nanos"] == 2 * COST
-        customer_view = await ok(await parent.get("/v1/usage", params={"group_by": "app", "account_id": customer["id"]}))
+        customer_view = await ok(
+            await parent.get("/v1/usage", params={"group_by": "app", "account_id": customer["id"]})
+        )
         assert {g["key"]: g["requests"] for g in customer_view["groups"]} == {"Shop": 1, None: 1}
         assert customer_view["totals"]["cost_nanos"] == 4 * COST
         mine = await ok(await parent.get(f"/v1/accounts/{reseller['id']}"))
@@ -134,7 +172,9 @@ async def test_bad_input_is_a_clear_4xx_and_writes_nothing(
 ) -> None:
     parent = await ok(await admin.post("/v1/accounts", json={"name": "P", "rpm": 100}), 201)
     await ok(await admin.post(f"/v1/accounts/{parent['id']}/topups", json={"amount_usd": 1}), 201)
-    child = await ok(await admin.post("/v1/accounts", json={"name": "C", "parent_id": parent["id"]}), 201)
+    child = await ok(
+        await admin.post("/v1/accounts", json={"name": "C", "parent_id": parent["id"]}), 201
+    )
     pid, cid = parent["id"], child["id"]
 
     cases = [
@@ -163,7 +203,11 @@ async def test_bad_input_is_a_clear_4xx_and_writes_nothing(
     key = (await ok(await admin.post(f"/v1/accounts/{pid}/keys", json={"name": "k"}), 201))["key"]
     async with client(mounted(gateway), key) as http:
         assert (await chat(http)).status_code == 200
-    assert_error(await admin.patch(f"/v1/accounts/{pid}", json={"spend_limit_usd": "0.000000001"}), 400, "below_spent")
+    assert_error(
+        await admin.patch(f"/v1/accounts/{pid}", json={"spend_limit_usd": "0.000000001"}),
+        400,
+        "below_spent",
+    )
     assert_error(await admin.patch("/v1/keys/key_nobody", json={"enabled": False}), 404)
 
     after = await ok(await admin.get(f"/v1/accounts/{pid}"))
@@ -171,23 +215,45 @@ async def test_bad_input_is_a_clear_4xx_and_writes_nothing(
     assert (await ok(await admin.get(f"/v1/accounts/{cid}")))["credits_usd"] == 0
     ledger = await ok(await admin.get("/v1/ledger", params={"account_id": pid, "kind": "topup"}))
     assert len(ledger["data"]) == 1
-    assert_error(await admin.get("/v1/usage", params={"account_id": pid, "group_by": "colour"}), 400)
+    assert_error(
+        await admin.get("/v1/usage", params={"account_id": pid, "group_by": "colour"}), 400
+    )
     assert_error(await admin.get("/v1/ledger", params={"account_id": pid, "limit": "0"}), 400)
-    assert_error(await admin.get("/v1/ledger", params={"account_id": pid, "start_date": "yesterday"}), 400)
+    assert_error(
+        await admin.get("/v1/ledger", params={"account_id": pid, "start_date": "yesterday"}), 400
+    )
 
 
 @pytest.mark.parametrize("database_url", ["memory"], indirect=True)
 async def test_ledger_pages_csv_and_openapi(gateway: Gateway, admin: httpx2.AsyncClient) -> None:
     account = await ok(await admin.post("/v1/accounts", json={"name": "A"}), 201)
     await ok(await admin.post(f"/v1/accounts/{account['id']}/topups", json={"amount_usd": 5}), 201)
-    key = (await ok(await admin.post(f"/v1/accounts/{account['id']}/keys", json={"name": "k"}), 201))["key"]
+    key = (
+        await ok(await admin.post(f"/v1/accounts/{account['id']}/keys", json={"name": "k"}), 201)
+    )["key"]
     async with client(mounted(gateway), key) as http:
         for i in range(7):
-            assert (await chat(http, body={"model": "openai/gpt-4o" if i % 2 else "openai/gpt-4.1"})).status_code == 200
-        assert (await http.post("/v1/chat/completions", json={"model": "openai/gpt-4.1", "messages": MESSAGES, "max_tokens": 4, "fake_fault": {"status": 503}})).status_code == 503
+            assert (
+                await chat(http, body={"model": "openai/gpt-4o" if i % 2 else "openai/gpt-4.1"})
+            ).status_code == 200
+        assert (
+            await http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "openai/gpt-4.1",
+                    "messages": MESSAGES,
+                    "max_tokens": 4,
+                    "fake_fault": {"status": 503},
+                },
+            )
+        ).status_code == 503
         seen, cursor = [], None
         while True:
-            page = await ok(await http.get("/v1/ledger", params={"limit": 3, **({"cursor": cursor} if cursor else {})}))
+            page = await ok(
+                await http.get(
+                    "/v1/ledger", params={"limit": 3, **({"cursor": cursor} if cursor else {})}
+                )
+            )
             seen += page["data"]
             cursor = page["next_cursor"]
             if not page["has_more"]:
@@ -195,19 +261,30 @@ async def test_ledger_pages_csv_and_openapi(gateway: Gateway, admin: httpx2.Asyn
         assert len(seen) == 9  # 8 requests + the top-up
         assert [r["status"] for r in seen if r["kind"] == "request"][0] == 503
         by_model = await ok(await http.get("/v1/usage", params={"group_by": "model"}))
-        assert {g["key"]: g["requests"] for g in by_model["groups"]} == {"openai/gpt-4.1": 5, "openai/gpt-4o": 3}
+        assert {g["key"]: g["requests"] for g in by_model["groups"]} == {
+            "openai/gpt-4.1": 5,
+            "openai/gpt-4o": 3,
+        }
         assert by_model["totals"]["requests"] == 8 and by_model["totals"]["errors"] == 1
         failed = await ok(await http.get("/v1/ledger", params={"status": 503}))
         assert len(failed["data"]) == 1 and failed["data"][0]["amount_nanos"] == 0
         exported = await http.get("/v1/ledger.csv", params={"kind": "request"})
-        assert exported.status_code == 200 and exported.headers["content-type"].startswith("text/csv")
+        assert exported.status_code == 200 and exported.headers["content-type"].startswith(
+            "text/csv"
+        )
         rows = list(csv.DictReader(io.StringIO(exported.text)))
-        assert len(rows) == 8 and {r["model_id"] for r in rows} == {"openai/gpt-4.1", "openai/gpt-4o"}
+        assert len(rows) == 8 and {r["model_id"] for r in rows} == {
+            "openai/gpt-4.1",
+            "openai/gpt-4o",
+        }
         assert sum(float(r["amount_usd"]) for r in rows) == pytest.approx(
             (await ok(await http.get("/v1/credits")))["data"]["total_usage"]
         )
         schema = await ok(await http.get("/v1/openapi.json"))
-        assert schema["openapi"].startswith("3.") and "/accounts/{account_id}/topups" in schema["paths"]
+        assert (
+            schema["openapi"].startswith("3.")
+            and "/accounts/{account_id}/topups" in schema["paths"]
+        )
 
 
 async def test_billing_without_the_v1_prefix(tmp_path: Any) -> None:
@@ -218,10 +295,21 @@ async def test_billing_without_the_v1_prefix(tmp_path: Any) -> None:
     gateway: Gateway = app.state.gateway
     async with gateway, client(app, ADMIN_KEY) as admin:
         account = await ok(await admin.post("/v1/accounts", json={"name": "A"}), 201)
-        await ok(await admin.post(f"/v1/accounts/{account['id']}/topups", json={"amount_usd": 3}), 201)
-        key = (await ok(await admin.post(f"/v1/accounts/{account['id']}/keys", json={"name": "k"}), 201))["key"]
+        await ok(
+            await admin.post(f"/v1/accounts/{account['id']}/topups", json={"amount_usd": 3}), 201
+        )
+        key = (
+            await ok(
+                await admin.post(f"/v1/accounts/{account['id']}/keys", json={"name": "k"}), 201
+            )
+        )["key"]
         async with client(app, key) as http:
             for path in ("/dashboard/billing/subscription", "/v1/dashboard/billing/subscription"):
                 assert (await ok(await http.get(path)))["hard_limit_usd"] == 3.0
             assert (await ok(await http.get("/dashboard/billing/usage")))["total_usage"] == 0
-            assert_error(await http.get("/dashboard/billing/subscription", headers={"authorization": "Bearer nope"}), 401)
+            assert_error(
+                await http.get(
+                    "/dashboard/billing/subscription", headers={"authorization": "Bearer nope"}
+                ),
+                401,
+            )

@@ -46,7 +46,9 @@ async def test_a_request_is_charged_exactly_and_ledgered(
         assert secret.startswith("sk-gate-") and len(secret) > 40
         client = sdk(mounted(gateway), key=secret)
         answer = await client.chat.completions.create(
-            model="openai/gpt-4.1", messages=MESSAGES, max_tokens=7,
+            model="openai/gpt-4.1",
+            messages=MESSAGES,
+            max_tokens=7,
             extra_headers={"x-title": "Ledger Test"},
         )
         assert answer.usage is not None and answer.usage.completion_tokens == 7
@@ -110,7 +112,10 @@ async def test_short_balance_is_402_insufficient_quota_and_still_ledgered(
         )
         assert ok.choices
         rows = await ledger(gateway, account, kind="request")
-        assert [(r.status, r.error_code) for r in rows] == [(200, None), (402, "insufficient_quota")]
+        assert [(r.status, r.error_code) for r in rows] == [
+            (200, None),
+            (402, "insufficient_quota"),
+        ]
         assert rows[1].amount == 0
 
 
@@ -122,7 +127,9 @@ async def test_parent_balance_bounds_a_child(upstream: FakeUpstream) -> None:
         assert gateway.accounting is not None
         # The child has money of its own, but its parent cannot pay for the request.
         storage = gateway.accounting.storage
-        await storage.credit(LedgerRow(id="gift", account_id=child, kind="adjustment", amount=10**9))
+        await storage.credit(
+            LedgerRow(id="gift", account_id=child, kind="adjustment", amount=10**9)
+        )
         with pytest.raises(openai.APIStatusError) as refused:
             await sdk(mounted(gateway), key=secret).chat.completions.create(
                 model="openai/gpt-4.1", messages=MESSAGES, max_tokens=100
@@ -257,7 +264,9 @@ async def test_shutdown_writes_every_row(upstream: FakeUpstream, tmp_path: objec
         client = sdk(mounted(gateway), key=secret)
         await asyncio.gather(
             *(
-                client.chat.completions.create(model="openai/gpt-4.1", messages=MESSAGES, max_tokens=2)
+                client.chat.completions.create(
+                    model="openai/gpt-4.1", messages=MESSAGES, max_tokens=2
+                )
                 for _ in range(120)
             )
         )

@@ -9,15 +9,15 @@ import pytest
 from fastapi import BackgroundTasks, FastAPI, Request
 from starlette.testclient import TestClient
 
-from gate_middleware.testing import FakeUpstream
 from gate_middleware import (
     GateError,
     GateMiddleware,
-    Gateway,
     GateSettings,
+    Gateway,
     RequestRecord,
     gate_exception_handler,
 )
+from gate_middleware.testing import FakeUpstream
 
 from .conftest import KEY, LiveServer
 from .test_examples import load
@@ -34,8 +34,9 @@ class Budget:
 
     async def admit(self, record: RequestRecord) -> None:
         if self.left <= 0:
-            raise GateError("Out of credit.", status=402, type="insufficient_quota",
-                            code="insufficient_quota")
+            raise GateError(
+                "Out of credit.", status=402, type="insufficient_quota", code="insufficient_quota"
+            )
         self.left -= 1
 
     async def settle(self, record: RequestRecord) -> None:
@@ -43,7 +44,9 @@ class Budget:
 
 
 @pytest.fixture
-def example(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ModuleType, str, list[RequestRecord]]]:
+def example(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[ModuleType, str, list[RequestRecord]]]:
     monkeypatch.setenv("GATE_FAKE_LATENCY", "0.02")
     module = load("examples.host_routes", monkeypatch)
     records: list[RequestRecord] = []
@@ -59,7 +62,9 @@ async def test_unauthenticated_calls_are_refused(
     async with httpx2.AsyncClient() as http:
         missing = await http.post(url + "/summarize", json={"text": "hello"})
         wrong = await http.post(
-            url + "/summarize", json={"text": "hello"}, headers={"authorization": "Bearer sk-nope-12345"}
+            url + "/summarize",
+            json={"text": "hello"},
+            headers={"authorization": "Bearer sk-nope-12345"},
         )
     for response in (missing, wrong):
         assert response.status_code == 401
@@ -90,9 +95,12 @@ async def test_streaming_through_a_host_route(
 ) -> None:
     _, url, records = example
     arrivals, text = [], ""
-    async with httpx2.AsyncClient(timeout=10) as http, http.stream(
-        "POST", url + "/summarize/stream", json={"text": "Stream it."}, headers=AUTH
-    ) as response:
+    async with (
+        httpx2.AsyncClient(timeout=10) as http,
+        http.stream(
+            "POST", url + "/summarize/stream", json={"text": "Stream it."}, headers=AUTH
+        ) as response,
+    ):
         async for piece in response.aiter_text():
             arrivals.append(time.monotonic())
             text += piece
@@ -156,7 +164,9 @@ def test_limits_and_quota_on_a_host_route() -> None:
     assert second.json()["error"]["code"] == "insufficient_quota"
     # Every admitted request was settled exactly once: the route and its two calls.
     assert sorted(r.endpoint for r in budget.settled) == [
-        "chat.completions", "chat.completions", "route"
+        "chat.completions",
+        "chat.completions",
+        "route",
     ]
 
 
@@ -206,7 +216,9 @@ async def test_host_route_calls_are_charged_to_the_callers_account(
             transport=httpx2.ASGITransport(app=app), base_url="http://host"
         ) as http:
             statuses = [
-                (await http.post("/ai/hello", headers={"authorization": f"Bearer {key}"})).status_code
+                (
+                    await http.post("/ai/hello", headers={"authorization": f"Bearer {key}"})
+                ).status_code
                 for _ in range(6)
             ]
             refused = await http.post("/ai/hello", headers={"authorization": f"Bearer {key}"})

@@ -27,7 +27,9 @@ async def test_an_old_sqlite_database_is_upgraded(tmp_path: Path) -> None:
     path = str(tmp_path / "old.db")
     conn = connect(path)
     assert migrate_sqlite(conn, MIGRATIONS[:1]) == 0
-    conn.execute("INSERT INTO accounts (id, name, credits, created_at) VALUES ('old', 'Old', 500, 1)")
+    conn.execute(
+        "INSERT INTO accounts (id, name, credits, created_at) VALUES ('old', 'Old', 500, 1)"
+    )
     conn.close()
 
     storage = SQLiteStorage(path)

@@ -31,7 +31,10 @@ def node_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(HERE / "check.mjs", work)
     result = subprocess.run(
         [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=work, capture_output=True, text=True, timeout=300,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if result.returncode != 0:
         pytest.fail(f"npm install failed: {result.stderr[-2000:]}")
@@ -45,7 +48,9 @@ def test_the_node_sdk_works_against_the_gateway(node_modules: Path) -> None:
             ["node", "check.mjs"],
             cwd=node_modules,
             env={**os.environ, "GATE_URL": server.url + "/v1", "GATE_KEY": KEY},
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)

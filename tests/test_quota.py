@@ -57,7 +57,11 @@ async def test_200_concurrent_requests_against_50_on_sqlite(tmp_path: Path) -> N
             )
         statuses = Counter(r.status_code for r in responses)
         assert statuses == {200: 50, 402: 150}
-        assert all(r.json()["error"]["code"] == "insufficient_quota" for r in responses if r.status_code == 402)
+        assert all(
+            r.json()["error"]["code"] == "insufficient_quota"
+            for r in responses
+            if r.status_code == 402
+        )
         assert gateway.accounting is not None
         await gateway.accounting.writer.flush()
         state = await gateway.accounting.storage.account(account)
@@ -77,7 +81,16 @@ async def test_200_concurrent_requests_against_50_on_sqlite(tmp_path: Path) -> N
 
 def _start_gateway(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "gate_middleware", "serve", "--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "gate_middleware",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
     )

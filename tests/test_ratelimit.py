@@ -741,7 +741,9 @@ async def test_get_key_reports_the_limits_that_apply(upstream: FakeUpstream) -> 
     from .conftest import fund, make_billing_gateway
 
     gateway = make_billing_gateway(
-        upstream, "memory://", rate_limits={"key": {"requests": "2/minute;50/day", "tokens": "9000/minute"}}
+        upstream,
+        "memory://",
+        rate_limits={"key": {"requests": "2/minute;50/day", "tokens": "9000/minute"}},
     )
     async with gateway:
         _, key = await fund(gateway, "1", rpm=1)  # the account is stricter than settings

@@ -11,7 +11,7 @@ import httpx2
 import openai
 import pytest
 
-from gate_middleware import Gateway, GateSettings, RequestRecord
+from gate_middleware import GateSettings, Gateway, RequestRecord
 from gate_middleware.health import RedisHealth
 from gate_middleware.testing import FakeUpstream, Fault
 
@@ -94,7 +94,9 @@ RETRYABLE = [
 ]
 
 
-@pytest.mark.parametrize("fault", RETRYABLE, ids=lambda f: f"{f.status or ''}{f.drop or ''}{f.malformed or ''}")
+@pytest.mark.parametrize(
+    "fault", RETRYABLE, ids=lambda f: f"{f.status or ''}{f.drop or ''}{f.malformed or ''}"
+)
 @pytest.mark.parametrize("stream", [False, True])
 async def test_retryable_failures_are_retried_transparently(
     gateway: Gateway, a: FakeUpstream, fault: Fault, stream: bool
@@ -333,7 +335,9 @@ async def test_timeouts_are_retried(records: list[RequestRecord]) -> None:
                 base_url="http://gate.test/v1",
                 api_key=KEY,
                 max_retries=0,
-                http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(app=mounted(gateway))),
+                http_client=httpx2.AsyncClient(
+                    transport=httpx2.ASGITransport(app=mounted(gateway))
+                ),
             )
             raw = await client.chat.completions.with_raw_response.create(
                 model="openai/gpt-4.1", messages=MESSAGES

@@ -9,7 +9,7 @@ from gate_middleware.sse import iter_sse_data
 STREAM = (
     b": keep-alive\n\n"
     b'data: {"a":1}\n\n'
-    b"event: message\nid: 7\ndata: {\"b\":\n"
+    b'event: message\nid: 7\ndata: {"b":\n'
     b"data: 2}\n\n"
     b'data: {"c":"x\\ny"}\r\n\r\n'
     b"data: [DONE]\n\n"
@@ -30,4 +30,4 @@ async def test_events_are_whole_whatever_the_chunking(size: int) -> None:
 
 async def test_a_torn_last_event_is_dropped() -> None:
     torn = b'data: {"a":1}\n\ndata: {"b"'
-    assert [b async for b in iter_sse_data(pieces(torn, 5))] == [[b"{\"a\":1}"]]
+    assert [b async for b in iter_sse_data(pieces(torn, 5))] == [[b'{"a":1}']]

@@ -67,12 +67,16 @@ async def test_accounts_keys_and_chains(storage: Storage) -> None:
     assert [a.id for a in await storage.children(None)] == ["a"]
     assert [a.id for a in await storage.children("a")] == ["b"]
 
-    key = ApiKey(id="k1", account_id="c", name="ci", prefix="sk-gate-abc", digest="d1", created_at=NOW)
+    key = ApiKey(
+        id="k1", account_id="c", name="ci", prefix="sk-gate-abc", digest="d1", created_at=NOW
+    )
     await storage.add_key(key)
     with pytest.raises(StorageConflict):
         await storage.add_key(ApiKey(id="k2", account_id="c", name="dup", prefix="p", digest="d1"))
     with pytest.raises(StorageConflict):
-        await storage.add_key(ApiKey(id="k3", account_id="nobody", name="n", prefix="p", digest="d3"))
+        await storage.add_key(
+            ApiKey(id="k3", account_id="nobody", name="n", prefix="p", digest="d3")
+        )
     found = await storage.key_by_digest("d1")
     assert found is not None and found.id == "k1" and found.enabled
     assert await storage.key_by_digest("nope") is None
@@ -110,7 +114,9 @@ async def test_credit_and_adjustments_are_guarded(storage: Storage) -> None:
     with pytest.raises(StorageConflict):
         await storage.credit(LedgerRow(id="t5", account_id="nobody", kind="topup", amount=5))
     after = await storage.credit(
-        LedgerRow(id="t6", account_id="a", kind="adjustment", amount=-400, created=NOW, note="refund")
+        LedgerRow(
+            id="t6", account_id="a", kind="adjustment", amount=-400, created=NOW, note="refund"
+        )
     )
     assert after.credits == 600
     entries = await storage.rows(LedgerQuery(account_id="a"))
@@ -152,7 +158,9 @@ async def test_leases_never_exceed_the_budget(storage: Storage) -> None:
 
 async def test_key_leases_and_unlimited_keys(storage: Storage) -> None:
     await storage.add_account(account("a"))
-    await storage.add_key(ApiKey(id="k", account_id="a", name="k", prefix="p", digest="d", spend_limit=50))
+    await storage.add_key(
+        ApiKey(id="k", account_id="a", name="k", prefix="p", digest="d", spend_limit=50)
+    )
     lease = await storage.lease("key", "k", need=10, want=100, owner="p", expires_at=NOW)
     assert lease is not None and lease.amount == 50
     await storage.write([], [Spend("key", "k", 70, lease.id)])  # over the lease: still charged
@@ -212,9 +220,13 @@ async def test_ledger_filters_pagination_and_overview(storage: Storage) -> None:
 
     only = await storage.rows(LedgerQuery(account_id="a", model="openai/gpt-4o", status=502))
     assert {r.id for r in only} == {"req0", "req14"}
-    ranged = await storage.rows(LedgerQuery(account_id="a", start=NOW + 43_200, end=NOW + 3 * 43_200))
+    ranged = await storage.rows(
+        LedgerQuery(account_id="a", start=NOW + 43_200, end=NOW + 3 * 43_200)
+    )
     assert [r.id for r in ranged] == ["req2", "req1"]
-    assert [r.id for r in await storage.rows(LedgerQuery(account_id="a", key_id="k1", limit=2))] == [
+    assert [
+        r.id for r in await storage.rows(LedgerQuery(account_id="a", key_id="k1", limit=2))
+    ] == [
         "req9",
         "req8",
     ]

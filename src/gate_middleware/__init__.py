@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .app import Gateway
 from .accounts import AccountKeys
+from .app import Gateway
 from .auth import Authenticator, Level, Principal, StaticKeys
 from .client import GateClient
 from .errors import (

@@ -47,7 +47,9 @@ def _run(job: Callable[[Accounts, argparse.Namespace], Awaitable[None]]) -> Call
             storage: Storage = storage_from_url(url)
             await storage.open()
             try:
-                await job(Accounts(storage, max_credit=nanos_from_usd(settings.max_credit_usd)), args)
+                await job(
+                    Accounts(storage, max_credit=nanos_from_usd(settings.max_credit_usd)), args
+                )
             finally:
                 await storage.close()
 
@@ -134,11 +136,11 @@ async def _topup(accounts: Accounts, args: argparse.Namespace) -> None:
 async def _usage(accounts: Accounts, args: argparse.Namespace) -> None:
     storage = accounts.storage
     if args.account is None:
-        rows = [
+        accounts_rows = [
             (a.id, a.name, _money(a.credits), _money(a.spent), _money(a.available))
             for a in await storage.children(None)
         ]
-        print(table(("account", "name", "credits_usd", "spent_usd", "balance_usd"), rows))
+        print(table(("account", "name", "credits_usd", "spent_usd", "balance_usd"), accounts_rows))
         return
     account = await accounts.get(_ADMIN, args.account)
     days = args.days
@@ -170,14 +172,20 @@ async def _usage(accounts: Accounts, args: argparse.Namespace) -> None:
 
 
 def add_commands(commands: Any) -> None:
-    def parser(name: str, help: str, job: Callable[..., Awaitable[None]], into: Any = commands) -> Any:
+    def parser(
+        name: str, help: str, job: Callable[..., Awaitable[None]], into: Any = commands
+    ) -> Any:
         command = into.add_parser(name, help=help)
-        command.add_argument("--database", help=f"database URL (default: GATE_DATABASE_URL or {DEFAULT_DATABASE})")
+        command.add_argument(
+            "--database", help=f"database URL (default: GATE_DATABASE_URL or {DEFAULT_DATABASE})"
+        )
         command.set_defaults(handler=_run(job))
         return command
 
     def limits(command: Any) -> None:
-        command.add_argument("--models", help="allowed models, comma-separated (patterns like openai/*)")
+        command.add_argument(
+            "--models", help="allowed models, comma-separated (patterns like openai/*)"
+        )
         command.add_argument("--rpm", type=int)
         command.add_argument("--tpm", type=int)
         command.add_argument("--spend-limit", help="USD")
@@ -213,5 +221,7 @@ def add_commands(commands: Any) -> None:
 
     usage = parser("usage", "balances, or one account's costs as a table", _usage)
     usage.add_argument("--account")
-    usage.add_argument("--group-by", default="day", choices=("day", "model", "key", "account", "app"))
+    usage.add_argument(
+        "--group-by", default="day", choices=("day", "model", "key", "account", "app")
+    )
     usage.add_argument("--days", type=int, default=30, help="how far back (0: all)")

@@ -43,7 +43,9 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
 
 
 def _too_large(limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"The request body is larger than this gateway's limit of {limit} bytes.")
+    return PayloadTooLargeError(
+        f"The request body is larger than this gateway's limit of {limit} bytes."
+    )
 
 
 def _type_error(param: str, expected: str, value: Any) -> InvalidRequestError:
@@ -65,9 +67,13 @@ def _model(body: dict[str, Any]) -> str:
     return model
 
 
-def _optional(body: dict[str, Any], param: str, kind: type | tuple[type, ...], expected: str) -> None:
+def _optional(
+    body: dict[str, Any], param: str, kind: type | tuple[type, ...], expected: str
+) -> None:
     value = body.get(param)
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+    if value is not None and (
+        not isinstance(value, kind) or isinstance(value, bool) and kind is not bool
+    ):
         raise _type_error(param, expected, value)
 
 

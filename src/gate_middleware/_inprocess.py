@@ -32,7 +32,9 @@ def in_process_transport(module: ModuleType, app: ASGIApp, scope: Mapping[str, A
 
 def _make_transport(http: ModuleType) -> type:
     class _Body(http.AsyncByteStream):  # type: ignore[name-defined,misc]
-        def __init__(self, chunks: asyncio.Queue[Any], task: asyncio.Task[None], gone: asyncio.Event) -> None:
+        def __init__(
+            self, chunks: asyncio.Queue[Any], task: asyncio.Task[None], gone: asyncio.Event
+        ) -> None:
             self._chunks, self._task, self._gone = chunks, task, gone
 
         async def __aiter__(self) -> AsyncIterator[bytes]:

@@ -89,7 +89,9 @@ class Accounting:
             # A host route's own request (GateMiddleware): no model of its own, so only
             # a balance check, a hold of the least amount, given back when it settles.
             if self.book is not None:
-                wanted = [(self.book.purse("account", lvl.account_id), 1) for lvl in principal.chain]
+                wanted = [
+                    (self.book.purse("account", lvl.account_id), 1) for lvl in principal.chain
+                ]
                 record.extra["holds"] = await self.book.hold(wanted)
             return
         # The model that answers is known only after the call (retries may fall back
@@ -104,19 +106,24 @@ class Accounting:
         price = self.price(entry.id)
         if price is None and self._reject_unpriced:
             raise InvalidRequestError(
-                f"The model '{record.model}' has no price on this gateway, so it cannot be "
-                "billed.",
+                f"The model '{record.model}' has no price on this gateway, so it cannot be billed.",
                 param="model",
                 code="model_not_priced",
             )
         if self.book is None:
             return
-        completion = 0 if record.endpoint == "embeddings" else (
-            record.max_completion_tokens or self._max_tokens
+        completion = (
+            0
+            if record.endpoint == "embeddings"
+            else (record.max_completion_tokens or self._max_tokens)
         )
         candidates = (entry.id, *entry.fallbacks, *filter(None, [entry.context_fallback]))
         base = max(
-            (p.cost(record.estimated_prompt_tokens, completion) for m in candidates if (p := self.price(m))),
+            (
+                p.cost(record.estimated_prompt_tokens, completion)
+                for m in candidates
+                if (p := self.price(m))
+            ),
             default=None,
         )
         if base is None:

@@ -144,10 +144,14 @@ class AccountKeys:
                 f"The API key '{key.prefix}...' is disabled.", code="key_disabled"
             )
         if key.expires_at is not None and key.expires_at <= now:
-            raise AuthenticationError(f"The API key '{key.prefix}...' has expired.", code="key_expired")
+            raise AuthenticationError(
+                f"The API key '{key.prefix}...' has expired.", code="key_expired"
+            )
         chain = await self._storage.chain(key.account_id)
         for account in chain:
-            if not account.enabled or (account.expires_at is not None and account.expires_at <= now):
+            if not account.enabled or (
+                account.expires_at is not None and account.expires_at <= now
+            ):
                 raise AuthenticationError(
                     f"The account '{account.id}' of this key is disabled or expired.",
                     code="account_disabled",
@@ -188,7 +192,15 @@ def _usd(name: str, value: Any, *, negative: bool = False, cap: int | None = Non
 
 def parse_fields(body: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
     """Checked account or key fields from a JSON body (USD amounts -> nanodollars)."""
-    known = {"name", "enabled", "expires_at", "allowed_models", "spend_limit_usd", "multiplier", *_LIMITS}
+    known = {
+        "name",
+        "enabled",
+        "expires_at",
+        "allowed_models",
+        "spend_limit_usd",
+        "multiplier",
+        *_LIMITS,
+    }
     unknown = set(body) - known
     if unknown:
         raise InvalidRequestError(
@@ -244,9 +256,7 @@ def parse_fields(body: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
 class Accounts:
     """Account and key operations on behalf of a caller, with the scope checks."""
 
-    def __init__(
-        self, storage: Storage, *, max_credit: int, on_change: Any = None
-    ) -> None:
+    def __init__(self, storage: Storage, *, max_credit: int, on_change: Any = None) -> None:
         self.storage = storage
         self._max_credit = max_credit
         self._on_change = on_change
@@ -311,7 +321,9 @@ class Accounts:
         try:
             updated = await self.storage.update_account(account_id, fields)
         except StorageConflict as exc:
-            raise InvalidRequestError(str(exc), param="spend_limit_usd", code="below_spent") from None
+            raise InvalidRequestError(
+                str(exc), param="spend_limit_usd", code="below_spent"
+            ) from None
         self._changed()
         return updated
 
@@ -352,7 +364,9 @@ class Accounts:
         try:
             updated = await self.storage.update_key(key_id, fields)
         except StorageConflict as exc:
-            raise InvalidRequestError(str(exc), param="spend_limit_usd", code="below_spent") from None
+            raise InvalidRequestError(
+                str(exc), param="spend_limit_usd", code="below_spent"
+            ) from None
         self._changed()
         return updated
 
@@ -365,13 +379,17 @@ class Accounts:
         if extra:
             raise InvalidRequestError(f"Unknown field(s): {', '.join(sorted(extra))}.")
         if "amount_usd" not in body:
-            raise InvalidRequestError("Missing required parameter: 'amount_usd'.", param="amount_usd")
+            raise InvalidRequestError(
+                "Missing required parameter: 'amount_usd'.", param="amount_usd"
+            )
         amount = _usd(
             "amount_usd", body["amount_usd"], negative=kind == "adjustment", cap=self._max_credit
         )
         note = body.get("note")
         if note is not None and (not isinstance(note, str) or len(note) > 500):
-            raise InvalidRequestError("'note' must be a string (500 characters at most).", param="note")
+            raise InvalidRequestError(
+                "'note' must be a string (500 characters at most).", param="note"
+            )
         row = LedgerRow(
             id=f"{kind}_{uuid.uuid4().hex}",
             account_id=account_id,
@@ -399,16 +417,14 @@ def _within_parent(fields: Mapping[str, Any], parent: Account) -> None:
             raise InvalidRequestError(
                 f"'{name}' ({mine}) is above the parent's ({theirs}).", param=name
             )
-    if fields.get("spend_limit") is not None and parent.spend_limit is not None:
-        if fields["spend_limit"] > parent.spend_limit:
-            raise InvalidRequestError(
-                "'spend_limit_usd' is above the parent's spend limit.", param="spend_limit_usd"
-            )
+    limit = fields.get("spend_limit")
+    if limit is not None and parent.spend_limit is not None and limit > parent.spend_limit:
+        raise InvalidRequestError(
+            "'spend_limit_usd' is above the parent's spend limit.", param="spend_limit_usd"
+        )
     models = fields.get("allowed_models")
     if models is not None and parent.allowed_models is not None:
-        outside = [
-            m for m in models if not any(fnmatchcase(m, p) for p in parent.allowed_models)
-        ]
+        outside = [m for m in models if not any(fnmatchcase(m, p) for p in parent.allowed_models)]
         if outside:
             raise InvalidRequestError(
                 f"The parent does not allow: {', '.join(outside)}.", param="allowed_models"

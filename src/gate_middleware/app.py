@@ -30,8 +30,8 @@ from .api.models import ModelsAPI
 from .api.ratelimits import RateLimitsAPI
 from .auth import PARENT, PRINCIPAL, ROUTE, Authenticator, StaticKeys, authenticate
 from .errors import (
-    ConfigurationError,
     REQUEST_ID,
+    ConfigurationError,
     GateError,
     GatewayNotStartedError,
     InvalidRequestError,
@@ -40,18 +40,18 @@ from .errors import (
     handle_gate_error,
     handle_unexpected,
 )
+from .guard import Guard
+from .health import HealthStore, health_from_url
 from .providers.base import Provider
 from .providers.fake import FakeProvider
 from .providers.openai import OpenAICompatible
-from .guard import Guard
-from .health import HealthStore, health_from_url
 from .ratelimit import RateLimitGuard
-from .retry import Candidate, Outcome, RetryPolicy, plan, run
 from .record import RecordHook, RequestRecord
-from .tokens import estimate_prompt_tokens
+from .retry import Candidate, Outcome, RetryPolicy, plan, run
 from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
 from .storage import Storage, storage_from_url
+from .tokens import estimate_prompt_tokens
 
 __all__ = ["Gateway"]
 
@@ -59,7 +59,6 @@ logger = logging.getLogger("gate_middleware")
 
 T = TypeVar("T")
 _ROUTING_FIELDS = frozenset({"models", "provider"})  # ours (OpenRouter's), not the upstream's
-
 
 
 class Gateway(Starlette):
@@ -424,8 +423,12 @@ def _build_providers(
     return providers
 
 
-_HANDLERS = (
-    {GateError: handle_gate_error, HTTPException: _handle_http_exception, Exception: handle_unexpected},
+_HANDLERS: tuple[dict[Any, Any], dict[int, Any]] = (
+    {
+        GateError: handle_gate_error,
+        HTTPException: _handle_http_exception,
+        Exception: handle_unexpected,
+    },
     {},
 )
 

@@ -26,6 +26,7 @@ class Level:
     tpm: int | None = None
     rpd: int | None = None
 
+
 # Scope keys set only in-process (by GateMiddleware's client), never from a request.
 PRINCIPAL = "gate.principal"
 ROUTE = "gate.route"

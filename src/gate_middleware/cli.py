@@ -39,7 +39,9 @@ def _serve(args: argparse.Namespace) -> int:
         assert settings.admin_key is not None
         print(f"gate-middleware: admin key: {settings.admin_key.get_secret_value()}", flush=True)
     elif settings.database_url:
-        print("gate-middleware: API keys from the database (gate-middleware keys create)", flush=True)
+        print(
+            "gate-middleware: API keys from the database (gate-middleware keys create)", flush=True
+        )
     else:
         print("gate-middleware: API keys from GATE_API_KEYS", flush=True)
     print(

@@ -32,9 +32,7 @@ class GateClient:
     `AsyncOpenAI` client for code that already uses the SDK.
     """
 
-    def __init__(
-        self, gateway: Gateway, principal: Principal, route: str, parent_id: str
-    ) -> None:
+    def __init__(self, gateway: Gateway, principal: Principal, route: str, parent_id: str) -> None:
         self._gateway = gateway
         self._scope = {PRINCIPAL: principal, ROUTE: route, PARENT: parent_id}
         self._http: httpx.AsyncClient | None = None

@@ -9,13 +9,14 @@ graceful shutdown loses no row.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from decimal import Decimal
 
 from .pricing import Price, level_costs
 from .record import RequestRecord
-from .storage import LedgerRow, LedgerStore, Spend
+from .storage import LedgerRow, LedgerStore, Spend, Target
 
 __all__ = ["LedgerWriter", "ledger_rows", "request_cost"]
 
@@ -36,7 +37,7 @@ def request_cost(record: RequestRecord, price: Price | None) -> list[int]:
 def ledger_rows(record: RequestRecord, costs: Sequence[int], now: float) -> list[LedgerRow]:
     """One row per level (each with what that level was charged), or one without account."""
     principal = record.principal
-    levels = [level.account_id for level in principal.chain] or [None]
+    levels: list[str | None] = [level.account_id for level in principal.chain] or [None]
     costs = list(costs) or [0]
     return [
         LedgerRow(
@@ -76,7 +77,7 @@ class LedgerWriter:
         self._batch = batch
         self._interval = interval
         self._rows: list[LedgerRow] = []
-        self._spends: dict[tuple[str, str, str | None], int] = {}
+        self._spends: dict[tuple[Target, str, str | None], int] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -108,10 +109,8 @@ class LedgerWriter:
 
     async def _run(self) -> None:
         while not self._stopping:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
-            except asyncio.TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self.flush()

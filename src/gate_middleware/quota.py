@@ -13,6 +13,7 @@ leases expire and are reclaimed by the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -143,10 +144,8 @@ class LeaseBook:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         await self._writer.flush()
         for purse in list(self._purses.values()):
@@ -163,7 +162,7 @@ class LeaseBook:
 
     async def tidy(self) -> None:
         idle_after = time.monotonic() - self._seconds / 3
-        renew = []
+        renew: list[str] = []
         for purse in list(self._purses.values()):
             if purse.held == 0 and purse.used < idle_after:
                 await self._return(purse)

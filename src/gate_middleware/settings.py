@@ -178,7 +178,9 @@ class GateSettings(BaseSettings):
         None, description="The key that manages top-level accounts (with a database)."
     )
     key_cache_seconds: float = Field(
-        5.0, ge=0, description="How long a key lookup is cached: the bound for a disabled "
+        5.0,
+        ge=0,
+        description="How long a key lookup is cached: the bound for a disabled "
         "key or account to stop working in other processes.",
     )
     quota: bool = Field(True, description="Hold the most a request may cost before the call.")
@@ -189,7 +191,9 @@ class GateSettings(BaseSettings):
         Decimal("1"), gt=0, description="How much balance a process leases at a time."
     )
     quota_lease_seconds: float = Field(
-        30.0, gt=0, description="Unused leases go back after about a third of this; a dead "
+        30.0,
+        gt=0,
+        description="Unused leases go back after about a third of this; a dead "
         "process's leases are reclaimed after twice this.",
     )
     unpriced_models: Literal["reject", "free"] = Field(

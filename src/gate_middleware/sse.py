@@ -20,9 +20,7 @@ def _data_of(event: bytes) -> bytes | None:
     if event.startswith(b"data: ") and b"\n" not in event:
         return event[6:]  # the usual one-line event, without a copy of each line
     lines = [
-        line[5:].removeprefix(b" ")
-        for line in event.split(b"\n")
-        if line.startswith(b"data:")
+        line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
     ]
     return b"\n".join(lines) if lines else None
 

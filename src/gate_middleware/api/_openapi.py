@@ -156,7 +156,9 @@ def openapi_schema(root: str = "") -> dict[str, Any]:
             "/accounts": {
                 "get": {
                     "summary": "Child accounts (admin: top-level ones)",
-                    "parameters": [{"name": "parent_id", "in": "query", "schema": {"type": "string"}}],
+                    "parameters": [
+                        {"name": "parent_id", "in": "query", "schema": {"type": "string"}}
+                    ],
                     "responses": _ok("List"),
                 },
                 "post": {
@@ -256,7 +258,12 @@ def openapi_schema(root: str = "") -> dict[str, Any]:
                 "get": {
                     "summary": "OpenRouter: one request by its x-request-id",
                     "parameters": [
-                        {"name": "id", "in": "query", "required": True, "schema": {"type": "string"}}
+                        {
+                            "name": "id",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
                     ],
                     "responses": _ok("Object"),
                 }

@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import GateError, InvalidRequestError, UpstreamError, error_body
-from ..record import RequestRecord, usage_into
 from ..providers.base import Reply
+from ..record import RequestRecord, usage_into
 from ..retry import Candidate, Outcome
 from ..sse import DONE, EventStreamResponse, frame
 from ..tokens import estimate_completion_tokens
@@ -89,7 +89,7 @@ class ChatAPI:
 
         def relay(batch: list[bytes]) -> tuple[bytes, UpstreamError | None]:
             """Frame a batch for the client; stop at a malformed event, keeping what came before."""
-            out = []
+            out: list[bytes] = []
             for payload in batch:
                 if not _looks_whole(payload):
                     return b"".join(out), _malformed()
@@ -141,7 +141,9 @@ class ChatAPI:
                     await _close(chunks)
                     await gateway.finish(record, error, disconnected=disconnected)
 
-        return EventStreamResponse(events(), headers={**_headers(record, opened), **_STREAM_HEADERS})
+        return EventStreamResponse(
+            events(), headers={**_headers(record, opened), **_STREAM_HEADERS}
+        )
 
 
 def _headers(record: RequestRecord, outcome: Outcome[Any]) -> dict[str, str]:

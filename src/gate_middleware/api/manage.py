@@ -18,8 +18,8 @@ from ..errors import InvalidRequestError
 from ..pricing import usd
 from ..storage import Account, ApiKey, LedgerQuery, LedgerRow
 from ..storage._common import GROUPS
-from .billing import iso, parse_date
 from ._openapi import openapi_schema
+from .billing import iso, parse_date
 
 if TYPE_CHECKING:
     from ..accounting import Accounting
@@ -199,9 +199,7 @@ class ManageAPI:
             raise InvalidRequestError("'cursor' is not one this API gave.", param="cursor")
         kind = params.get("kind")
         if kind is not None and kind not in ("request", "topup", "adjustment"):
-            raise InvalidRequestError(
-                "'kind' must be request, topup or adjustment.", param="kind"
-            )
+            raise InvalidRequestError("'kind' must be request, topup or adjustment.", param="kind")
         await self._accounting.writer.flush()
         return LedgerQuery(
             account_id=account_id,
@@ -285,7 +283,9 @@ class ManageAPI:
         return StreamingResponse(
             lines(),
             media_type="text/csv",
-            headers={"content-disposition": f'attachment; filename="ledger-{query.account_id}.csv"'},
+            headers={
+                "content-disposition": f'attachment; filename="ledger-{query.account_id}.csv"'
+            },
         )
 
     async def openapi(self, request: Request) -> Response:

@@ -36,7 +36,12 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
     async def send(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, *,
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        *,
         read_timeout: float,
     ) -> TransportResponse: ...
 
@@ -110,7 +115,12 @@ class AiohttpTransport:
             self._session = None
 
     async def send(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, *,
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        *,
         read_timeout: float,
     ) -> TransportResponse:
         if self._session is None:
@@ -177,7 +187,12 @@ class HttpxTransport:
         pass
 
     async def send(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, *,
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        *,
         read_timeout: float,
     ) -> TransportResponse:
         timeout = httpx.Timeout(read_timeout, connect=self._connect_timeout)

@@ -28,10 +28,11 @@ __all__ = [
     "fake_models",
 ]
 
-_WORDS = (
+_SENTENCE = (
     "the gateway answers every request with care while limits keep each key fair and "
     "ledgers count tokens exactly so money never drifts between accounts or streams"
-).split()
+)
+_WORDS = _SENTENCE.split()
 _DEFAULT_WORDS = 16
 _MAX_WORDS = 8192
 _CREATED = 1_760_000_000  # fixed, so the same request gets byte-identical answers

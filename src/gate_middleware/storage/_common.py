@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import operator
 import json
+import operator
 import time
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from .base import Account, ApiKey, LedgerQuery, LedgerRow, StorageConflict
+from .base import Account, ApiKey, Group, LedgerQuery, LedgerRow, StorageConflict
 
 __all__ = [
     "ACCOUNT_COLUMNS",
@@ -25,6 +25,7 @@ __all__ = [
     "decode_key",
     "decode_row",
     "encode",
+    "group",
     "group_key",
     "ledger_values",
     "matches",
@@ -33,7 +34,17 @@ __all__ = [
 
 # Balances change only through credit/lease/write; ids never change.
 FIELDS_NOT_SETTABLE = frozenset(
-    {"id", "account_id", "parent_id", "digest", "prefix", "credits", "spent", "leased", "created_at"}
+    {
+        "id",
+        "account_id",
+        "parent_id",
+        "digest",
+        "prefix",
+        "credits",
+        "spent",
+        "leased",
+        "created_at",
+    }
 )
 _LIMIT_COLUMNS = (
     "enabled",
@@ -65,6 +76,13 @@ GROUPS = {
     "app": "app",
     "route": "route",
 }
+
+
+def group(row: Sequence[Any]) -> Group:
+    """An overview row (key, count, amount, tokens..., errors) -> Group."""
+    key, *numbers = row
+    requests, amount, prompt, completion, cached, reasoning, errors = (int(v or 0) for v in numbers)
+    return Group(key, requests, amount, prompt, completion, cached, reasoning, errors)
 
 
 def group_key(group_by: str) -> str:

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._common import check_spend_limit, day_of, group_key, matches, settable
 from .base import (
     Account,
     ApiKey,
@@ -22,7 +23,6 @@ from .base import (
     StorageConflict,
     Target,
 )
-from ._common import check_spend_limit, day_of, group_key, matches, settable
 
 __all__ = ["MemoryStorage"]
 

@@ -24,6 +24,7 @@ from ._common import (
     decode_key,
     decode_row,
     encode,
+    group,
     group_key,
     ledger_values,
     settable,
@@ -248,7 +249,7 @@ class PostgresStorage:
                 GROUP BY 1 ORDER BY 1 NULLS LAST""",
             *args,
         )
-        return [Group(row[0], *(int(v or 0) for v in tuple(row)[1:])) for row in found]
+        return [group(tuple(row)) for row in found]
 
     async def by_request(self, request_id: str, account_id: str) -> LedgerRow | None:
         row = await self._pool.fetchrow(
@@ -367,8 +368,7 @@ async def _apply_spend(conn: Any, spend: Spend) -> None:
             or 0
         )
     await conn.execute(
-        f"UPDATE {_TABLE[spend.target]} SET spent = spent + $1, leased = leased - $2 "
-        "WHERE id = $3",
+        f"UPDATE {_TABLE[spend.target]} SET spent = spent + $1, leased = leased - $2 WHERE id = $3",
         spend.amount,
         taken,
         spend.target_id,

@@ -27,6 +27,7 @@ from ._common import (
     decode_key,
     decode_row,
     encode,
+    group,
     group_key,
     ledger_values,
     settable,
@@ -51,9 +52,7 @@ T = TypeVar("T")
 _ACCOUNTS = ", ".join(ACCOUNT_COLUMNS)
 _KEYS = ", ".join(KEY_COLUMNS)
 _LEDGER = ", ".join(LEDGER_COLUMNS)
-_INSERT_ROW = (
-    f"INSERT INTO ledger ({_LEDGER}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})"
-)
+_INSERT_ROW = f"INSERT INTO ledger ({_LEDGER}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})"
 _BUDGET = {
     "account": "MIN(credits, COALESCE(spend_limit, credits)) - spent - leased",
     "key": "COALESCE(spend_limit, 4611686018427387904) - spent - leased",
@@ -260,7 +259,7 @@ class SQLiteStorage:
                 GROUP BY k ORDER BY k IS NULL, k""",
             *args,
         )
-        return [Group(row[0], *(int(v or 0) for v in row[1:])) for row in found]
+        return [group(row) for row in found]
 
     async def by_request(self, request_id: str, account_id: str) -> LedgerRow | None:
         found = await self._fetch(
@@ -325,7 +324,7 @@ class SQLiteStorage:
             ).fetchone()
             if found is None or found[0] < need:
                 return None
-            amount = min(want, found[0])
+            amount = min(want, int(found[0]))
             done = conn.execute(
                 f"UPDATE {table} SET leased = leased + ? WHERE id = ? AND {available} >= ?",
                 (amount, target_id, amount),
@@ -371,9 +370,7 @@ class SQLiteStorage:
 def _apply_spend(conn: sqlite3.Connection, spend: Spend) -> None:
     taken = 0
     if spend.lease_id is not None:
-        found = conn.execute(
-            "SELECT amount FROM leases WHERE id = ?", (spend.lease_id,)
-        ).fetchone()
+        found = conn.execute("SELECT amount FROM leases WHERE id = ?", (spend.lease_id,)).fetchone()
         if found is not None:
             taken = min(spend.amount, found[0])
             conn.execute(

@@ -221,13 +221,21 @@ class FakeUpstream:
             if fault and index == fault.after_chunks:
                 if fault.drop == "mid":
                     # Half an event, then the connection goes: the worst case for a relay.
-                    await send({"type": "http.response.body", "body": b"data: {\"id", "more_body": True})
+                    await send(
+                        {"type": "http.response.body", "body": b'data: {"id', "more_body": True}
+                    )
                     raise UpstreamDropped("fake upstream dropped the stream")
                 if fault.malformed:
                     chunk = b"{not json"
             if self.chunk_latency:
                 await asyncio.sleep(self.chunk_latency)
-            await send({"type": "http.response.body", "body": b"data: " + chunk + b"\n\n", "more_body": True})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + chunk + b"\n\n",
+                    "more_body": True,
+                }
+            )
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
 
@@ -238,7 +246,10 @@ async def _start(send: Send, status: int, headers: list[tuple[bytes, bytes]]) ->
 async def _send(
     send: Send, status: int, payload: bytes, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
     await _start(send, status, headers + (extra or []))
     await send({"type": "http.response.body", "body": payload})
 
