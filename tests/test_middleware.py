@@ -232,3 +232,64 @@ async def test_host_route_calls_are_charged_to_the_callers_account(
     charged = [r for r in rows if r.amount and r.route == "/ai/hello"]
     assert charged and all(r.model == "openai/gpt-4.1" for r in charged)
     assert stored is not None and 0 < stored.spent <= stored.credits
+
+
+def _refusing_app(budget: Budget) -> tuple[Gateway, FastAPI]:
+    from fastapi import Depends
+    from fastapi.responses import StreamingResponse
+
+    from gate_middleware import GateContext, GateDependency
+
+    gateway = Gateway(GateSettings(api_keys=[KEY]), guards=[budget])
+    app = FastAPI(lifespan=gateway.lifespan)
+    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
+    app.add_exception_handler(GateError, gate_exception_handler)
+    messages = [{"role": "user", "content": "x"}]
+
+    @app.post("/ai/sdk")
+    async def sdk_route(request: Request) -> dict[str, str]:
+        answer = await request.state.gate.openai().chat.completions.create(
+            model="openai/gpt-4.1", messages=messages
+        )
+        return {"text": answer.choices[0].message.content}
+
+    @app.post("/dep/sdk")
+    async def dep_route(gate: GateContext = Depends(GateDependency(gateway))) -> dict[str, str]:
+        client = gate.openai()
+        answer = await client.chat.completions.create(model="openai/gpt-4.1", messages=messages)
+        return {"text": answer.choices[0].message.content}
+
+    @app.post("/ai/stream")
+    async def stream_route(request: Request) -> StreamingResponse:
+        chunks = await request.state.gate.chat(
+            model="openai/gpt-4.1", messages=messages, stream=True
+        )
+
+        async def text():  # type: ignore[no-untyped-def]
+            async for chunk in chunks:
+                for choice in chunk["choices"]:
+                    yield choice["delta"].get("content") or ""
+
+        return StreamingResponse(text(), media_type="text/plain")
+
+    return gateway, app
+
+
+@pytest.mark.parametrize("path", ["/ai/sdk", "/dep/sdk", "/ai/stream"])
+def test_refusals_of_sdk_and_stream_calls_keep_their_status(path: str) -> None:
+    budget = Budget(left=1)  # the route's own admission passes; its model call does not
+    _, app = _refusing_app(budget)
+    with TestClient(app) as client:
+        response = client.post(path, headers=AUTH)
+    assert response.status_code == 402, response.text
+    assert response.json()["error"]["code"] == "insufficient_quota"
+
+
+def test_sdk_and_stream_calls_work_when_admitted() -> None:
+    _, app = _refusing_app(Budget(left=100))
+    with TestClient(app) as client:
+        for path in ("/ai/sdk", "/dep/sdk"):
+            response = client.post(path, headers=AUTH)
+            assert response.status_code == 200 and response.json()["text"]
+        streamed = client.post("/ai/stream", headers=AUTH)
+    assert streamed.status_code == 200 and len(streamed.text.split()) == 16

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -46,7 +45,7 @@ from .providers.base import Provider
 from .providers.fake import FakeProvider
 from .providers.openai import OpenAICompatible
 from .ratelimit import RateLimitGuard
-from .record import RecordHook, RequestRecord
+from .record import RecordHook, RequestRecord, request_id_for
 from .retry import Candidate, Outcome, RetryPolicy, plan, run
 from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
@@ -449,7 +448,7 @@ class _RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or f"req_{uuid.uuid4().hex}"
+        request_id = request_id_for(scope)
         scope[REQUEST_ID] = request_id
         scope["starlette.exception_handlers"] = _HANDLERS
         if not self.gateway.started:
@@ -467,12 +466,3 @@ class _RequestContext:
         except HTTPException as exc:  # raised by routing itself, e.g. 405
             request = Request(scope)
             await (await _handle_http_exception(request, exc))(scope, receive, send)
-
-
-def _incoming_request_id(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            text = value.decode("latin-1")
-            # Echoed back as a header: keep it short and printable.
-            return text[:128] if text.isprintable() and text else None
-    return None

@@ -18,7 +18,7 @@ from .sse import iter_sse_data
 if TYPE_CHECKING:
     from .app import Gateway
 
-__all__ = ["GateClient"]
+__all__ = ["GateClient", "as_gate_error"]
 
 _BASE = "http://gateway.internal"
 
@@ -53,7 +53,16 @@ class GateClient:
     async def chat(self, **body: Any) -> Any:
         """A chat completion; with `stream=True`, an async iterator of chunks."""
         if body.get("stream"):
-            return self._stream(body)
+            # Opened here, so a refusal (402, 429...) raises now, before the handler
+            # starts its own response; the iterator then only relays chunks.
+            client = self._client()
+            request = client.build_request("POST", "/chat/completions", json=body)
+            response = await client.send(request, stream=True)
+            if response.status_code != 200:
+                raw = await response.aread()
+                await response.aclose()
+                raise _error_from(response.status_code, raw, response.headers)
+            return _chunks(response)
         return await self._post("/chat/completions", body)
 
     async def embeddings(self, **body: Any) -> Any:
@@ -64,19 +73,6 @@ class GateClient:
         if response.status_code != 200:
             raise _error_from(response.status_code, response.content, response.headers)
         return response.json()
-
-    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async with self._client().stream("POST", "/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                raise _error_from(response.status_code, await response.aread(), response.headers)
-            async for batch in iter_sse_data(response.aiter_raw()):
-                for data in batch:
-                    if data == b"[DONE]":
-                        return
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise _error_from(502, data, {})
-                    yield chunk
 
     def openai(self) -> Any:
         """An `openai.AsyncOpenAI` bound to this caller (needs the `openai` package)."""
@@ -96,6 +92,30 @@ class GateClient:
                 http_client=http.AsyncClient(transport=transport, timeout=None),
             )
         return self._sdk
+
+
+async def _chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    try:
+        async for batch in iter_sse_data(response.aiter_raw()):
+            for data in batch:
+                if data == b"[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise _error_from(502, data, {})
+                yield chunk
+    finally:
+        await response.aclose()
+
+
+def as_gate_error(exc: BaseException) -> GateError | None:
+    """A refusal a handler let through: ours, or the openai SDK's (`gate.openai()`)."""
+    if isinstance(exc, GateError):
+        return exc
+    status, response = getattr(exc, "status_code", None), getattr(exc, "response", None)
+    if isinstance(status, int) and response is not None and hasattr(response, "content"):
+        return _error_from(status, response.content, response.headers)
+    return None
 
 
 def _error_from(status: int, raw: bytes, headers: Any) -> GateError:

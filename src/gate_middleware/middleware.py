@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from fnmatch import translate
 from typing import TYPE_CHECKING
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import Principal, authenticate
-from .client import GateClient
+from .client import GateClient, as_gate_error
 from .errors import GateError, GatewayNotStartedError, error_response
-from .record import RequestRecord
+from .record import RequestRecord, request_id_for
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -58,8 +57,7 @@ class _Guarded:
     def __init__(self, gateway: Gateway, scope: Scope) -> None:
         self.gateway = gateway
         self.scope = scope
-        headers = Headers(scope=scope)
-        self.request_id = headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
+        self.request_id = request_id_for(scope)
         self.record: RequestRecord | None = None
         self.context: GateContext | None = None
 
@@ -127,12 +125,13 @@ class GateMiddleware:
         error: GateError | None = None
         try:
             await self.app(scope, receive, send_with_id)
-        except GateError as exc:
+        except Exception as exc:
             # A model call in the handler was refused (402, 429, ...) and not caught.
-            if status is not None:
+            refusal = as_gate_error(exc)
+            if refusal is None or status is not None:
                 raise
-            error = exc
-            await error_response(exc, guarded.request_id)(scope, receive, send_with_id)
+            error = refusal
+            await error_response(refusal, guarded.request_id)(scope, receive, send_with_id)
         finally:
             await guarded.close(error, status)
 
@@ -162,8 +161,10 @@ class GateDependency:
         error: GateError | None = None
         try:
             yield context
-        except GateError as exc:
-            error = exc
-            raise
+        except Exception as exc:
+            error = as_gate_error(exc)
+            if error is None or error is exc:
+                raise
+            raise error from exc  # the SDK's refusal, as a GateError the handler renders
         finally:
             await guarded.close(error)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from starlette.types import Scope
+
 if TYPE_CHECKING:
     from .auth import Principal
 
-__all__ = ["RecordHook", "RequestRecord", "usage_into"]
+__all__ = ["RecordHook", "RequestRecord", "request_id_for", "usage_into"]
 
 
 @dataclass(slots=True)
@@ -59,6 +62,17 @@ class RequestRecord:
 
 
 RecordHook = Callable[[RequestRecord], None]
+
+
+def request_id_for(scope: Scope) -> str:
+    """The request's own `x-request-id` (short and printable: it is echoed and stored),
+    or a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text: str = value.decode("latin-1")[:128]
+            if text and text.isprintable():
+                return text
+    return f"req_{uuid.uuid4().hex}"
 
 
 def usage_into(record: RequestRecord, usage: Any) -> None:
