@@ -95,7 +95,8 @@ class RedisHealth:
             raise ConfigurationError(
                 "Redis health storage needs redis-py: pip install 'gate-middleware[redis]'"
             ) from None
-        self._redis: Any = redis.Redis.from_url(url)
+        # Timeouts: a Redis that stops answering must not hang a request or a shutdown.
+        self._redis: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self.failures, self.window, self.cooldown = failures, window, cooldown
         self._cooled_key = prefix + "cooled"
         self._count_prefix = prefix + "failures:"
