@@ -216,3 +216,14 @@ async def test_a_malformed_event_mid_stream_ends_cleanly(
     assert payloads[-1]["error"]["code"] == "upstream_bad_response"
     await wait_for(lambda: len(records) == 1)
     assert records[0].status == 502
+
+
+async def test_the_demo_points_a_base_url_without_v1_to_the_gateway(
+    stack: tuple[FakeUpstream, str, list[RequestRecord]],
+) -> None:
+    _, url, _ = stack
+    async with openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.chat.completions.create(model="openai/gpt-4.1", messages=MESSAGES)
+    assert caught.value.code == "unknown_url"
+    assert f"{url}/v1" in caught.value.body["message"]

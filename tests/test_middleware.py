@@ -231,6 +231,11 @@ async def test_host_route_calls_are_charged_to_the_callers_account(
     assert refused.json()["error"]["code"] == "insufficient_quota"
     charged = [r for r in rows if r.amount and r.route == "/ai/hello"]
     assert charged and all(r.model == "openai/gpt-4.1" for r in charged)
+    # Only model calls are on the ledger, each naming the route request that made it.
+    requests = [r for r in rows if r.kind == "request"]
+    assert requests and all(
+        r.route == "/ai/hello" and r.parent_id and r.parent_id != r.id for r in requests
+    )
     assert stored is not None and 0 < stored.spent <= stored.credits
 
 

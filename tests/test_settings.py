@@ -41,3 +41,30 @@ def test_toml_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("GATE_CONFIG_FILE", str(path))
     settings = GateSettings()
     assert settings.providers["deepseek"].api_key is not None
+
+
+def test_a_misspelt_nested_setting_is_an_error() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="apikey"):
+        GateSettings(providers={"openai": {"apikey": "sk-x"}})
+
+
+def test_cli_reports_bad_settings_in_one_line_without_their_values(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    secret = "sk-real-secret-0123456789"
+    env = {**os.environ, "GATE_PROVIDERS": json.dumps({"openai": secret})}
+    result = subprocess.run(
+        [sys.executable, "-m", "gate_middleware", "serve", "--port", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "invalid setting GATE_PROVIDERS__OPENAI" in result.stderr
+    assert secret not in result.stderr + result.stdout and "Traceback" not in result.stderr

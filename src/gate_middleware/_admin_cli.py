@@ -42,6 +42,8 @@ def _run(job: Callable[[Accounts, argparse.Namespace], Awaitable[None]]) -> Call
 
         settings = GateSettings()
         url = args.database or settings.database_url or DEFAULT_DATABASE
+        if "://" not in url:
+            url = f"sqlite:///{url}"  # a plain path, as `serve --database` takes it
 
         async def main() -> None:
             storage: Storage = storage_from_url(url)
@@ -171,6 +173,13 @@ async def _usage(accounts: Accounts, args: argparse.Namespace) -> None:
     print(table((args.group_by, "requests", "errors", "prompt", "completion", "cost_usd"), rows))
 
 
+def _days(value: str) -> int:
+    days = int(value)
+    if days < 0:
+        raise argparse.ArgumentTypeError("must be 0 (all) or more")
+    return days
+
+
 def add_commands(commands: Any) -> None:
     def parser(
         name: str, help: str, job: Callable[..., Awaitable[None]], into: Any = commands
@@ -222,6 +231,6 @@ def add_commands(commands: Any) -> None:
     usage = parser("usage", "balances, or one account's costs as a table", _usage)
     usage.add_argument("--account")
     usage.add_argument(
-        "--group-by", default="day", choices=("day", "model", "key", "account", "app")
+        "--group-by", default="day", choices=("day", "model", "key", "account", "app", "route")
     )
-    usage.add_argument("--days", type=int, default=30, help="how far back (0: all)")
+    usage.add_argument("--days", type=_days, default=30, help="how far back (0: all)")

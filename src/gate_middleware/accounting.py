@@ -160,6 +160,8 @@ class Accounting:
     # Record hook -------------------------------------------------------------------
 
     def record(self, record: RequestRecord) -> None:
+        if record.endpoint == "route":
+            return  # a host route's own request: its model calls carry its route and id
         costs = record.extra.get("costs")
         if costs is None:
             costs = request_cost(record, self.price(record.model_id) if record.model_id else None)

@@ -161,6 +161,12 @@ class Gateway(Starlette):
             )
         super().__init__(debug=debug, routes=routes, middleware=middleware, lifespan=self.lifespan)
         self.router.default = self._not_found
+        # For the 404 of an unknown path: what does exist.
+        self._paths = [
+            ("/".join(sorted(route.methods - {"HEAD"})), route.path.replace(":path}", "}"))
+            for route in routes
+            if isinstance(route, Route) and route.methods
+        ]
 
     def build_middleware_stack(self) -> ASGIApp:
         # No ServerErrorMiddleware or ExceptionMiddleware: each would wrap every streamed
@@ -327,7 +333,7 @@ class Gateway(Starlette):
                 deadline = -1.0
             if not 0 < deadline <= 600:
                 raise InvalidRequestError(
-                    "x-gate-deadline must be a number of seconds from 0 to 600.",
+                    "x-gate-deadline must be a number of seconds above 0, at most 600.",
                     param="x-gate-deadline",
                 )
             policy = replace(policy, deadline=deadline)
@@ -342,16 +348,7 @@ class Gateway(Starlette):
     async def _not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
         root = scope.get("root_path", "")
         path = scope.get("path", "")
-        paths = ", ".join(
-            f"{method} {root}{p}"
-            for method, p in (
-                ("POST", "/chat/completions"),
-                ("POST", "/embeddings"),
-                ("GET", "/models"),
-                ("GET", "/models/{model}"),
-                ("GET", "/ratelimits"),
-            )
-        )
+        paths = ", ".join(f"{methods} {root}{p}" for methods, p in self._paths)
         message = f"Unknown path '{path}'. This gateway serves: {paths}."
         if root and path.startswith(root + root):
             message += f" The base URL may repeat '{root}'."

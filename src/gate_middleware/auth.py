@@ -99,10 +99,14 @@ def bearer_key(headers: Headers) -> str:
             return key
     if key := headers.get("x-api-key", "").strip():
         return key
+    if value:
+        raise AuthenticationError(
+            "The Authorization header must be 'Bearer YOUR_KEY'.", code="invalid_api_key"
+        )
     raise AuthenticationError(
         "You didn't provide an API key. Send it in the Authorization header "
         "as 'Authorization: Bearer YOUR_KEY'.",
-        code="missing_api_key" if not value else "invalid_api_key",
+        code="missing_api_key",
     )
 
 

@@ -8,7 +8,9 @@ import secrets
 import sys
 from collections.abc import Sequence
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
+
+from .errors import ConfigurationError
 
 __all__ = ["main"]
 
@@ -76,7 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_commands(commands)
     args = parser.parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except ValidationError as exc:
+        # Without the values: a mistyped setting may hold a secret.
+        for error in exc.errors(include_input=False, include_url=False):
+            name = "GATE_" + "__".join(str(part) for part in error["loc"]).upper()
+            print(f"gate-middleware: invalid setting {name}: {error['msg']}", file=sys.stderr)
+        return 2
+    except (ConfigurationError, ImportError) as exc:
+        print(f"gate-middleware: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

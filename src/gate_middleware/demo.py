@@ -7,11 +7,12 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from .app import Gateway
 from .auth import Principal
+from .errors import NotFoundError, error_response
 from .settings import GateSettings
 
 __all__ = ["create_app"]
@@ -49,6 +50,16 @@ def create_app(settings: GateSettings | None = None, *, demo_account: bool = Fal
             }
         )
 
+    async def not_found(request: Request, exc: Exception) -> Response:
+        # A client whose base URL lacks /v1 lands here: say where the gateway is.
+        base = str(request.base_url).rstrip("/") + "/v1"
+        error = NotFoundError(
+            f"Unknown path '{request.url.path}'. The gateway is at {base}: "
+            "use that as the client's base URL.",
+            code="unknown_url",
+        )
+        return error_response(error)
+
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok" if gateway.started else "starting"})
 
@@ -69,6 +80,7 @@ def create_app(settings: GateSettings | None = None, *, demo_account: bool = Fal
             Mount("/v1", gateway),
         ],
         lifespan=lifespan,
+        exception_handlers={404: not_found},
     )
     app.state.gateway = gateway
     return app

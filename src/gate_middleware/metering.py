@@ -66,6 +66,7 @@ def ledger_rows(record: RequestRecord, costs: Sequence[int], now: float) -> list
             stream=record.stream,
             estimated=not record.usage_reported and record.status in (200, 499),
             route=record.route,
+            parent_id=record.parent_id,
         )
         for account_id, cost in zip(levels, costs)
     ]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from limits import parse_many
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -33,7 +33,13 @@ __all__ = [
 ]
 
 
-class ProviderSettings(BaseModel):
+class _Strict(BaseModel):
+    """Nested settings: a misspelt field is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProviderSettings(_Strict):
     """One upstream. `kind="openai"` covers every OpenAI-compatible server."""
 
     kind: Literal["openai", "fake"] = "openai"
@@ -46,13 +52,13 @@ class ProviderSettings(BaseModel):
     stream_usage: bool = Field(True, description="Ask streams for usage (metering).")
 
 
-class DeploymentSettings(BaseModel):
+class DeploymentSettings(_Strict):
     provider: str
     model: str | None = Field(None, description="The upstream's name for the model.")
     weight: float = Field(1.0, gt=0)
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(_Strict):
     """A catalogue entry; prices are USD per million tokens."""
 
     deployments: list[DeploymentSettings] = []
@@ -69,7 +75,7 @@ class ModelSettings(BaseModel):
     max_retries: int | None = Field(None, ge=0, description="Overrides GATE_MAX_RETRIES.")
 
 
-class LimitSettings(BaseModel):
+class LimitSettings(_Strict):
     """The limits of one scope, in `limits` notation: "60/minute", "10/second;1000/day"."""
 
     requests: str | None = Field(None, description='Requests, e.g. "60/minute;1000/day".')
@@ -88,7 +94,7 @@ class LimitSettings(BaseModel):
         return value
 
 
-class RateLimitSettings(BaseModel):
+class RateLimitSettings(_Strict):
     """Rate limits; none are set by default. A key's own limits (from the account
     system) replace `key`'s; accounts, models, deployments and `gateway` add to them."""
 

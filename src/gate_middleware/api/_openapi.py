@@ -220,7 +220,7 @@ def openapi_schema(root: str = "") -> dict[str, Any]:
                             "in": "query",
                             "schema": {
                                 "type": "string",
-                                "enum": ["day", "model", "key", "account", "app"],
+                                "enum": ["day", "model", "key", "account", "app", "route"],
                             },
                         },
                         *_FILTERS,

@@ -174,6 +174,8 @@ def generation_view(row: LedgerRow) -> dict[str, Any]:
         "provider_name": row.provider,
         "upstream_model": row.upstream_model,
         "app": row.app,
+        "route": row.route,
+        "route_request_id": row.parent_id,
         "streamed": row.stream,
         "cancelled": row.status == 499,
         "status": row.status,

@@ -33,7 +33,8 @@ _CSV_COLUMNS = (
     "seq", "id", "created", "kind", "account_id", "source_account_id", "key_prefix", "model",
     "model_id", "provider", "upstream_model", "prompt_tokens", "completion_tokens",
     "cached_tokens", "reasoning_tokens", "amount_usd", "latency_ms", "ttft_ms", "status",
-    "error_code", "attempts", "app", "stream", "estimated", "actor", "note",
+    "error_code", "attempts", "app", "route", "parent_id", "stream", "estimated", "actor",
+    "note",
 )  # fmt: skip
 
 

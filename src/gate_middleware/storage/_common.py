@@ -263,7 +263,8 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE ledger ADD COLUMN estimated BOOLEAN NOT NULL DEFAULT FALSE",
     ],
     [
-        # v3: the host route that made a call through GateMiddleware.
+        # v3: the host route that made a call through GateMiddleware, and its request id.
         "ALTER TABLE ledger ADD COLUMN route TEXT",
+        "ALTER TABLE ledger ADD COLUMN parent_id TEXT",
     ],
 ]

@@ -123,6 +123,7 @@ class LedgerRow:
     stream: bool = False
     estimated: bool = False
     route: str | None = None  # the host route (GateMiddleware) that made the call
+    parent_id: str | None = None  # that route's own request id
     actor: str | None = None
     note: str | None = None
     seq: int | None = None
