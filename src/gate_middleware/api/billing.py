@@ -118,7 +118,8 @@ class BillingAPI:
         key = await self._accounting.storage.key(principal.key_id) if principal.key_id else None
         spent = key.spent if key else account.spent
         limit = principal.spend_limit
-        remaining = max(0, account.available)
+        # Leased is not spent: a lease idle in some process still belongs to the caller.
+        remaining = max(0, account.budget - account.spent)
         if limit is not None:
             remaining = min(remaining, max(0, limit - spent))
         limits = self._gateway.rate_limiter.summary(principal)
