@@ -71,6 +71,10 @@ class LimitPlans:
             )
         return plan
 
+    @property
+    def limits_upstreams(self) -> bool:
+        return bool(self._deployments)
+
     def deployment(self, deployment: Deployment) -> tuple[Limit, ...]:
         """An upstream's limits, charged for each attempt at it."""
         if not self._deployments:

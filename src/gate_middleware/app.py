@@ -296,14 +296,22 @@ class Gateway(Starlette):
         candidates = plan(self.catalogue, entry, body)
         upstream_body = {k: v for k, v in body.items() if k not in _ROUTING_FIELDS}
 
-        async def attempt(candidate: Candidate) -> T:
+        limiter = self.rate_limiter
+
+        async def limited(candidate: Candidate, body: dict[str, Any]) -> T:
             # The upstream's own limits count each attempt at it, fallbacks included.
-            await self.rate_limiter.reach(record, candidate.deployment)
+            await limiter.reach(record, candidate.deployment)
+            return await call(candidate, body)
+
+        def attempt(candidate: Candidate) -> Awaitable[T]:
+            # Not a coroutine itself: each await level is walked again at every
+            # suspension of the upstream call, so the chain is kept short.
             record.model_id = candidate.entry.id
             record.provider = candidate.deployment.provider_name
             record.upstream_model = candidate.deployment.model
             record.attempts += 1
-            return await call(candidate, {**upstream_body, "model": candidate.deployment.model})
+            body = {**upstream_body, "model": candidate.deployment.model}
+            return (limited if limiter.limits_upstreams else call)(candidate, body)
 
         return await run(
             candidates,

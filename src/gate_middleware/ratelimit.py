@@ -156,6 +156,11 @@ class RateLimitGuard:
         except StorageError as exc:
             self._failed(exc, refuse=False)
 
+    @property
+    def limits_upstreams(self) -> bool:
+        """Whether any upstream (deployment) has limits of its own."""
+        return self._plans.limits_upstreams
+
     async def reach(self, record: RequestRecord, deployment: Deployment) -> None:
         """Charge an upstream's limits for one attempt at it; raise `UpstreamLimitError`
         (a 429 the retry loop answers with the next candidate) when one is full."""

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -155,8 +155,8 @@ def _headers(record: RequestRecord, outcome: Outcome[Any]) -> dict[str, str]:
     }
 
 
-async def _whole(candidate: Candidate, body: dict[str, Any]) -> Reply:
-    return await candidate.deployment.provider.chat(body)
+def _whole(candidate: Candidate, body: dict[str, Any]) -> Awaitable[Reply]:
+    return candidate.deployment.provider.chat(body)
 
 
 async def _open_stream(

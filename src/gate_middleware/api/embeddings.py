@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -57,5 +58,5 @@ class EmbeddingsAPI:
         )
 
 
-async def _embed(candidate: Candidate, body: dict[str, Any]) -> Reply:
-    return await candidate.deployment.provider.embeddings(body)
+def _embed(candidate: Candidate, body: dict[str, Any]) -> Awaitable[Reply]:
+    return candidate.deployment.provider.embeddings(body)
