@@ -4,6 +4,7 @@ import json
 
 import httpx2
 import openai
+import pytest
 
 from gate_middleware import RequestRecord
 from gate_middleware.testing import FakeUpstream
@@ -101,3 +102,26 @@ async def test_app_attribution_is_recorded(
         headers={"x-title": "My Tool", "http-referer": "https://tool.example"},
     )
     assert records[-1].app == "My Tool"
+
+
+async def test_the_standard_library_json_path_works_too(
+    client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gate_middleware import _json
+
+    monkeypatch.setattr(_json, "loads", _json.stdlib_loads)
+    monkeypatch.setattr(_json, "dumps", _json.stdlib_dumps)
+    answer = await client.chat.completions.create(model="openai/gpt-4.1", messages=MESSAGES)
+    stream = await client.chat.completions.create(
+        model="openai/gpt-4.1",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        answer.choices[0].message.content
+    )
+    assert chunks[-1].usage is not None
+    vectors = await client.embeddings.create(model="openai/text-embedding-3-small", input="é")
+    assert vectors.data[0].embedding

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
+from . import _json
 from .errors import GateError, InvalidRequestError, PayloadTooLargeError
 
 __all__ = ["check_chat", "check_embeddings", "read_json"]
@@ -32,7 +32,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
             code="client_disconnected",
         ) from None
     try:
-        body = json.loads(b"".join(chunks))
+        body = _json.loads(b"".join(chunks))
     except ValueError:
         raise InvalidRequestError(
             "We could not parse the JSON body of your request. The body must be a JSON object."

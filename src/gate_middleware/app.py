@@ -46,7 +46,7 @@ from .providers.fake import FakeProvider
 from .providers.openai import OpenAICompatible
 from .ratelimit import RateLimitGuard
 from .record import RecordHook, RequestRecord, request_id_for
-from .retry import Candidate, Outcome, RetryPolicy, plan, run
+from .retry import ROUTING_FIELDS, Candidate, Outcome, RetryPolicy, plan, run
 from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
 from .storage import Storage, storage_from_url
@@ -57,7 +57,6 @@ __all__ = ["Gateway"]
 logger = logging.getLogger("gate_middleware")
 
 T = TypeVar("T")
-_ROUTING_FIELDS = frozenset({"models", "provider"})  # ours (OpenRouter's), not the upstream's
 
 
 class Gateway(Starlette):
@@ -294,7 +293,7 @@ class Gateway(Starlette):
     ) -> Outcome[T]:
         """Call the upstream with retries and fallbacks; fill the record with who answered."""
         candidates = plan(self.catalogue, entry, body)
-        upstream_body = {k: v for k, v in body.items() if k not in _ROUTING_FIELDS}
+        upstream_body = {k: v for k, v in body.items() if k not in ROUTING_FIELDS}
 
         limiter = self.rate_limiter
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -72,7 +72,7 @@ def request_id_for(scope: Scope) -> str:
             text: str = value.decode("latin-1")[:128]
             if text and text.isprintable():
                 return text
-    return f"req_{uuid.uuid4().hex}"
+    return f"req_{os.urandom(16).hex()}"
 
 
 def usage_into(record: RequestRecord, usage: Any) -> None:

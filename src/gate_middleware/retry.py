@@ -22,9 +22,10 @@ from .errors import InvalidRequestError, UpstreamError, UpstreamLimitError
 from .health import HealthStore
 from .routing import Catalogue, Deployment, ModelEntry
 
-__all__ = ["Candidate", "Outcome", "RetryPolicy", "plan", "run"]
+__all__ = ["ROUTING_FIELDS", "Candidate", "Outcome", "RetryPolicy", "plan", "run"]
 
 T = TypeVar("T")
+ROUTING_FIELDS = frozenset({"models", "provider"})  # ours (OpenRouter's), not the upstream's
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,12 @@ def _routing_options(body: dict[str, Any]) -> tuple[list[str], list[str] | None,
 
 def plan(catalogue: Catalogue, entry: ModelEntry, body: dict[str, Any]) -> list[Candidate]:
     """Every candidate for this request, in the order they will be tried."""
+    if (
+        len(entry.deployments) == 1
+        and not entry.fallbacks
+        and not ROUTING_FIELDS.intersection(body)
+    ):
+        return [Candidate(entry, entry.deployments[0])]  # the common case, without the walk
     models, order, allow_fallbacks = _routing_options(body)
     entries = [entry]
     names = [*models, *(entry.fallbacks if allow_fallbacks else ())]

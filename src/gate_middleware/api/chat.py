@@ -13,6 +13,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .. import _json
 from ..errors import GateError, InvalidRequestError, UpstreamError, error_body
 from ..providers.base import Reply
 from ..record import RequestRecord, usage_into
@@ -67,7 +68,7 @@ class ChatAPI:
             record.estimated_completion_tokens = estimate_completion_tokens(data)
         await gateway.finish(record)
         return Response(
-            json.dumps(data, separators=(",", ":")).encode(),
+            _json.dumps(data),
             media_type="application/json",
             headers=_headers(record, answered),
         )
@@ -95,7 +96,7 @@ class ChatAPI:
                     return b"".join(out), _malformed()
                 if _USAGE_FIELD.search(payload):
                     try:
-                        chunk = json.loads(payload)
+                        chunk = _json.loads(payload)
                     except ValueError:
                         return b"".join(out), _malformed()
                     usage_into(record, chunk.get("usage"))

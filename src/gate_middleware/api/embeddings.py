@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .. import _json
 from ..errors import GateError, InvalidRequestError
 from ..providers.base import Reply
 from ..record import usage_into
@@ -47,7 +47,7 @@ class EmbeddingsAPI:
         usage_into(record, data.get("usage"))
         await gateway.finish(record)
         return Response(
-            json.dumps(data, separators=(",", ":")).encode(),
+            _json.dumps(data),
             media_type="application/json",
             headers={
                 **record.headers,

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from .. import _json
 from ..errors import UpstreamError
 from ..sse import iter_sse_data
 from ._transport import AiohttpTransport, HttpxTransport, Transport, TransportResponse
@@ -58,7 +59,7 @@ class OpenAICompatible:
 
     async def _call(self, url: str, body: dict[str, Any]) -> Reply:
         response = await self._transport.send(
-            "POST", url, self._headers, json.dumps(body).encode(), read_timeout=self._read_timeout
+            "POST", url, self._headers, _json.dumps(body), read_timeout=self._read_timeout
         )
         return await _whole(response)
 
@@ -84,7 +85,7 @@ class OpenAICompatible:
             "POST",
             self._chat_url,
             self._headers,
-            json.dumps(body).encode(),
+            _json.dumps(body),
             read_timeout=self._stream_timeout,
         )
         try:
@@ -110,7 +111,7 @@ async def _whole(response: TransportResponse) -> Reply:
     if response.status != 200:
         raise upstream_error(response.status, raw, response.headers)
     try:
-        data = json.loads(raw)
+        data = _json.loads(raw)
     except ValueError:
         data = None
     if not isinstance(data, dict):
