@@ -6,12 +6,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import httpx
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -19,12 +17,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _body
-from ._known_models import VENDOR_BASE_URLS
+from ._context import RequestContext
 from .accounting import Accounting
-from .api.billing import BillingAPI
+from .api.billing import BillingAPI, billing_routes
 from .api.chat import ChatAPI
 from .api.embeddings import EmbeddingsAPI
-from .api.manage import ManageAPI
+from .api.manage import ManageAPI, manage_routes
 from .api.models import ModelsAPI
 from .api.ratelimits import RateLimitsAPI
 from .auth import PARENT, PRINCIPAL, ROUTE, Authenticator, StaticKeys, authenticate
@@ -32,20 +30,16 @@ from .errors import (
     REQUEST_ID,
     ConfigurationError,
     GateError,
-    GatewayNotStartedError,
-    InvalidRequestError,
     NotFoundError,
     error_response,
-    handle_gate_error,
-    handle_unexpected,
 )
 from .guard import Guard
 from .health import HealthStore, health_from_url
+from .providers import providers_from_settings
 from .providers.base import Provider
 from .providers.fake import FakeProvider
-from .providers.openai import OpenAICompatible
 from .ratelimit import RateLimitGuard
-from .record import RecordHook, RequestRecord, request_id_for
+from .record import RecordHook, RequestRecord
 from .retry import ROUTING_FIELDS, Candidate, Outcome, RetryPolicy, plan, run
 from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
@@ -80,7 +74,7 @@ class Gateway(Starlette):
         debug: bool = False,
     ) -> None:
         self.settings = settings or GateSettings()
-        self.providers: dict[str, Provider] = _build_providers(self.settings, http_client)
+        self.providers: dict[str, Provider] = providers_from_settings(self.settings, http_client)
         self.providers.update(providers or {})
         if not self.providers:
             logger.warning("No upstream is configured: serving the built-in fake provider.")
@@ -136,8 +130,8 @@ class Gateway(Starlette):
             Route("/ratelimits", RateLimitsAPI(self).get, methods=["GET"]),
         ]
         if self.accounting is not None:
-            routes += _billing_routes(BillingAPI(self)) + _manage_routes(ManageAPI(self))
-        middleware = [Middleware(_RequestContext, gateway=self)]
+            routes += billing_routes(BillingAPI(self)) + manage_routes(ManageAPI(self))
+        middleware = [Middleware(RequestContext, gateway=self)]
         if self.settings.cors_origins:
             middleware.insert(
                 0,
@@ -169,7 +163,7 @@ class Gateway(Starlette):
 
     def build_middleware_stack(self) -> ASGIApp:
         # No ServerErrorMiddleware or ExceptionMiddleware: each would wrap every streamed
-        # chunk's `send` once more. Routes render their own errors (see _RequestContext).
+        # chunk's `send` once more. Routes render their own errors (see _context.py).
         app: ASGIApp = self.router
         for cls, args, kwargs in reversed(self.user_middleware):
             app = cls(app, *args, **kwargs)
@@ -315,36 +309,11 @@ class Gateway(Starlette):
         return await run(
             candidates,
             attempt,
-            policy=self._policy(request, entry),
+            policy=self.retry_policy.for_request(entry, request.headers),
             health=self.health,
             catalogue=self.catalogue,
             started=record.started,
         )
-
-    def _policy(self, request: Request, entry: ModelEntry) -> RetryPolicy:
-        policy = self.retry_policy
-        if entry.max_retries is not None:
-            policy = replace(policy, max_retries=entry.max_retries)
-        headers = request.headers
-        if (value := headers.get("x-gate-max-retries")) is not None:
-            if not value.isdigit() or int(value) > 10:
-                raise InvalidRequestError(
-                    "x-gate-max-retries must be an integer from 0 to 10.",
-                    param="x-gate-max-retries",
-                )
-            policy = replace(policy, max_retries=int(value))
-        if (value := headers.get("x-gate-deadline")) is not None:
-            try:
-                deadline = float(value)
-            except ValueError:
-                deadline = -1.0
-            if not 0 < deadline <= 600:
-                raise InvalidRequestError(
-                    "x-gate-deadline must be a number of seconds above 0, at most 600.",
-                    param="x-gate-deadline",
-                )
-            policy = replace(policy, deadline=deadline)
-        return policy
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         return await _body.read_json(request, self._max_body)
@@ -361,112 +330,3 @@ class Gateway(Starlette):
             message += f" The base URL may repeat '{root}'."
         error = NotFoundError(message, code="unknown_url")
         await error_response(error, scope.get(REQUEST_ID))(scope, receive, send)
-
-
-async def _handle_http_exception(request: Request, exc: Exception) -> Any:
-    assert isinstance(exc, HTTPException)
-    error = GateError(exc.detail, status=exc.status_code, type="invalid_request_error")
-    error.headers.update(exc.headers or {})
-    return error_response(error, request.scope.get(REQUEST_ID))
-
-
-def _billing_routes(billing: BillingAPI) -> list[Route]:
-    return [
-        Route("/dashboard/billing/subscription", billing.subscription, methods=["GET"]),
-        Route("/dashboard/billing/usage", billing.usage, methods=["GET"]),
-        Route("/key", billing.key, methods=["GET"]),
-        Route("/credits", billing.credits, methods=["GET"]),
-        Route("/generation", billing.generation, methods=["GET"]),
-    ]
-
-
-def _manage_routes(manage: ManageAPI) -> list[Route]:
-    return [
-        Route("/accounts", manage.list_accounts, methods=["GET"]),
-        Route("/accounts", manage.create_account, methods=["POST"]),
-        Route("/accounts/{account_id}", manage.get_account, methods=["GET"]),
-        Route("/accounts/{account_id}", manage.update_account, methods=["PATCH"]),
-        Route("/accounts/{account_id}/topups", manage.credit, methods=["POST"]),
-        Route("/accounts/{account_id}/adjustments", manage.credit, methods=["POST"]),
-        Route("/accounts/{account_id}/keys", manage.list_keys, methods=["GET"]),
-        Route("/accounts/{account_id}/keys", manage.create_key, methods=["POST"]),
-        Route("/keys/{key_id}", manage.get_key, methods=["GET"]),
-        Route("/keys/{key_id}", manage.update_key, methods=["PATCH"]),
-        Route("/keys/{key_id}", manage.disable_key, methods=["DELETE"]),
-        Route("/usage", manage.overview, methods=["GET"]),
-        Route("/ledger", manage.ledger, methods=["GET"]),
-        Route("/ledger.csv", manage.ledger_csv, methods=["GET"]),
-        Route("/openapi.json", manage.openapi, methods=["GET"]),
-    ]
-
-
-def _build_providers(
-    settings: GateSettings, http_client: httpx.AsyncClient | None
-) -> dict[str, Provider]:
-    providers: dict[str, Provider] = {}
-    for name, config in settings.providers.items():
-        if config.kind == "fake":
-            providers[name] = FakeProvider(latency=settings.fake_latency)
-            continue
-        base_url = config.base_url or VENDOR_BASE_URLS.get(name)
-        if base_url is None:
-            raise ConfigurationError(
-                f"Provider {name!r} needs a base_url (GATE_PROVIDERS__{name.upper()}__BASE_URL)."
-            )
-        providers[name] = OpenAICompatible(
-            base_url,
-            api_key=config.api_key.get_secret_value() if config.api_key else None,
-            headers=config.headers,
-            connect_timeout=config.connect_timeout or settings.connect_timeout,
-            read_timeout=config.read_timeout or settings.read_timeout,
-            stream_timeout=config.stream_timeout or settings.stream_timeout,
-            stream_usage=config.stream_usage,
-            client=http_client,
-        )
-    return providers
-
-
-_HANDLERS: tuple[dict[Any, Any], dict[int, Any]] = (
-    {
-        GateError: handle_gate_error,
-        HTTPException: _handle_http_exception,
-        Exception: handle_unexpected,
-    },
-    {},
-)
-
-
-class _RequestContext:
-    """Names the request (`x-request-id`, echoed by every response), refuses work before
-    start-up, and has routes render every error OpenAI-shaped.
-
-    It does not wrap `send`: each response sets the header itself, which spares every
-    streamed chunk one more layer.
-    """
-
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
-        self.app = app
-        self.gateway = gateway
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = request_id_for(scope)
-        scope[REQUEST_ID] = request_id
-        scope["starlette.exception_handlers"] = _HANDLERS
-        if not self.gateway.started:
-            logger.error("A request reached the gateway before its lifespan started it.")
-            error = GatewayNotStartedError(
-                "The gateway was not started. Mounted apps get no lifespan events: start it "
-                "with FastAPI(lifespan=gateway.lifespan), or 'async with gateway:' inside "
-                "the host's own lifespan.",
-                headers={"x-should-retry": "false"},
-            )
-            await error_response(error, request_id)(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        except HTTPException as exc:  # raised by routing itself, e.g. 405
-            request = Request(scope)
-            await (await _handle_http_exception(request, exc))(scope, receive, send)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from .errors import InvalidRequestError, UpstreamError, UpstreamLimitError
@@ -35,6 +35,32 @@ class RetryPolicy:
     backoff: float = 0.25
     backoff_max: float = 8.0
     retry_after_cap: float = 10.0
+
+    def for_request(self, entry: ModelEntry, headers: Mapping[str, str]) -> RetryPolicy:
+        """This policy as the model (`max_retries`) and the request's headers
+        (`x-gate-max-retries`, `x-gate-deadline`) adjust it."""
+        policy = self
+        if entry.max_retries is not None:
+            policy = replace(policy, max_retries=entry.max_retries)
+        if (value := headers.get("x-gate-max-retries")) is not None:
+            if not value.isdigit() or int(value) > 10:
+                raise InvalidRequestError(
+                    "x-gate-max-retries must be an integer from 0 to 10.",
+                    param="x-gate-max-retries",
+                )
+            policy = replace(policy, max_retries=int(value))
+        if (value := headers.get("x-gate-deadline")) is not None:
+            try:
+                deadline = float(value)
+            except ValueError:
+                deadline = -1.0
+            if not 0 < deadline <= 600:
+                raise InvalidRequestError(
+                    "x-gate-deadline must be a number of seconds above 0, at most 600.",
+                    param="x-gate-deadline",
+                )
+            policy = replace(policy, deadline=deadline)
+        return policy
 
     def delay(self, retry: int, retry_after: float | None) -> float:
         """Seconds before retry number `retry` (1-based) of a deployment already tried."""

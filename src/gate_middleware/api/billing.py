@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from ..errors import InvalidRequestError, NotFoundError
 from ..pricing import NANOS_PER_USD, usd
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from ..app import Gateway
     from ..auth import Principal
 
-__all__ = ["BillingAPI", "iso", "parse_date"]
+__all__ = ["BillingAPI", "billing_routes", "iso", "parse_date"]
 
 _NANOS_PER_CENT = NANOS_PER_USD // 100
 _DAY = 86_400
@@ -192,3 +193,13 @@ def generation_view(row: LedgerRow) -> dict[str, Any]:
         "key": row.key_prefix,
         "account_id": row.source_account_id,
     }
+
+
+def billing_routes(billing: BillingAPI) -> list[Route]:
+    return [
+        Route("/dashboard/billing/subscription", billing.subscription, methods=["GET"]),
+        Route("/dashboard/billing/usage", billing.usage, methods=["GET"]),
+        Route("/key", billing.key, methods=["GET"]),
+        Route("/credits", billing.credits, methods=["GET"]),
+        Route("/generation", billing.generation, methods=["GET"]),
+    ]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from ..errors import InvalidRequestError
 from ..pricing import usd
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from ..app import Gateway
     from ..auth import Principal
 
-__all__ = ["ManageAPI", "account_view", "key_view", "row_view"]
+__all__ = ["ManageAPI", "account_view", "key_view", "manage_routes", "row_view"]
 
 _MAX_PAGE = 1000
 _CSV_COLUMNS = (
@@ -292,3 +293,23 @@ class ManageAPI:
     async def openapi(self, request: Request) -> Response:
         root = request.scope.get("root_path", "")
         return JSONResponse(openapi_schema(root))
+
+
+def manage_routes(manage: ManageAPI) -> list[Route]:
+    return [
+        Route("/accounts", manage.list_accounts, methods=["GET"]),
+        Route("/accounts", manage.create_account, methods=["POST"]),
+        Route("/accounts/{account_id}", manage.get_account, methods=["GET"]),
+        Route("/accounts/{account_id}", manage.update_account, methods=["PATCH"]),
+        Route("/accounts/{account_id}/topups", manage.credit, methods=["POST"]),
+        Route("/accounts/{account_id}/adjustments", manage.credit, methods=["POST"]),
+        Route("/accounts/{account_id}/keys", manage.list_keys, methods=["GET"]),
+        Route("/accounts/{account_id}/keys", manage.create_key, methods=["POST"]),
+        Route("/keys/{key_id}", manage.get_key, methods=["GET"]),
+        Route("/keys/{key_id}", manage.update_key, methods=["PATCH"]),
+        Route("/keys/{key_id}", manage.disable_key, methods=["DELETE"]),
+        Route("/usage", manage.overview, methods=["GET"]),
+        Route("/ledger", manage.ledger, methods=["GET"]),
+        Route("/ledger.csv", manage.ledger_csv, methods=["GET"]),
+        Route("/openapi.json", manage.openapi, methods=["GET"]),
+    ]
