@@ -13,7 +13,8 @@ import hmac
 import secrets
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
 from typing import Any
@@ -318,12 +319,8 @@ class Accounts:
             parent = await self.storage.account(account.parent_id)
             assert parent is not None
             _within_parent(fields, parent)
-        try:
+        with _below_spent():
             updated = await self.storage.update_account(account_id, fields)
-        except StorageConflict as exc:
-            raise InvalidRequestError(
-                str(exc), param="spend_limit_usd", code="below_spent"
-            ) from None
         self._changed()
         return updated
 
@@ -361,12 +358,8 @@ class Accounts:
         account = await self.storage.account(key.account_id)
         assert account is not None
         _within_parent(fields, account)
-        try:
+        with _below_spent():
             updated = await self.storage.update_key(key_id, fields)
-        except StorageConflict as exc:
-            raise InvalidRequestError(
-                str(exc), param="spend_limit_usd", code="below_spent"
-            ) from None
         self._changed()
         return updated
 
@@ -429,3 +422,12 @@ def _within_parent(fields: Mapping[str, Any], parent: Account) -> None:
             raise InvalidRequestError(
                 f"The parent does not allow: {', '.join(outside)}.", param="allowed_models"
             )
+
+
+@contextmanager
+def _below_spent() -> Iterator[None]:
+    """A spend limit set below what is spent or held is the caller's 400."""
+    try:
+        yield
+    except StorageConflict as exc:
+        raise InvalidRequestError(str(exc), param="spend_limit_usd", code="below_spent") from None
