@@ -114,7 +114,8 @@ def _aiohttp_floor() -> Starlette:
 def gateway() -> Starlette:
     from gate_middleware.demo import create_app
 
-    return create_app()
+    # As `gate-middleware serve` runs it.
+    return create_app(tune=True)
 
 
 httpx_floor = _httpx_floor()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._tuning import tune_gc
 from .accounts import AccountKeys
 from .app import Gateway
 from .auth import Authenticator, Level, Principal, StaticKeys
@@ -92,4 +93,5 @@ __all__ = [
     "__version__",
     "gate_exception_handler",
     "storage_from_url",
+    "tune_gc",
 ]

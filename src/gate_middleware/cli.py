@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = settings.model_copy(
             update={"database_url": f"sqlite:///{args.database}", "admin_key": admin}
         )
-    app = create_app(settings, demo_account=demo)
+    app = create_app(settings, demo_account=demo, tune=True)
     url = f"http://{args.host}:{args.port}/v1"
     print(f"gate-middleware: OpenAI-compatible gateway at {url}", flush=True)
     if demo:

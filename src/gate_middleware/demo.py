@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from ._tuning import tune_gc
 from .app import Gateway
 from .auth import Principal
 from .errors import NotFoundError, error_response
@@ -35,8 +36,11 @@ async def _demo_key(gateway: Gateway) -> str:
     return secret
 
 
-def create_app(settings: GateSettings | None = None, *, demo_account: bool = False) -> Starlette:
-    """The host app; `demo_account` makes a key of a "demo" account at start and prints it."""
+def create_app(
+    settings: GateSettings | None = None, *, demo_account: bool = False, tune: bool = False
+) -> Starlette:
+    """The host app; `demo_account` makes a key of a "demo" account at start and prints it;
+    `tune` calls `tune_gc()` once started, as `serve` does (a process of its own)."""
     gateway = Gateway(settings)
 
     async def index(request: Request) -> JSONResponse:
@@ -69,6 +73,8 @@ def create_app(settings: GateSettings | None = None, *, demo_account: bool = Fal
             if demo_account:
                 key = await _demo_key(gateway)
                 print(f"gate-middleware: API key for this run: {key}", flush=True)
+            if tune:
+                tune_gc()
             yield
 
     app = Starlette(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +73,13 @@ def request_id_for(scope: Scope) -> str:
             text: str = value.decode("latin-1")[:128]
             if text and text.isprintable():
                 return text
-    return f"req_{os.urandom(16).hex()}"
+    return f"req_{_PROCESS}{next(_SEQUENCE):012x}"
+
+
+# A random prefix per process and a counter: unique across processes and hosts, and
+# far cheaper per request than 16 fresh random bytes (a system call each).
+_PROCESS = os.urandom(10).hex()
+_SEQUENCE = itertools.count(1)
 
 
 def usage_into(record: RequestRecord, usage: Any) -> None:
