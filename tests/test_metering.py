@@ -190,6 +190,37 @@ async def test_disabling_a_key_elsewhere_takes_effect_within_the_cache_bound(
             await client.models.list()
 
 
+async def test_a_key_is_looked_up_once_however_many_requests_wait(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = make_billing_gateway(upstream, "memory://", key_cache_seconds=0.5)
+    async with gateway:
+        _, secret = await fund(gateway, "1")
+        assert gateway.accounting is not None
+        storage = gateway.accounting.storage
+        lookups = 0
+        original = storage.key_by_digest
+
+        async def counted(digest: str) -> object:
+            nonlocal lookups
+            lookups += 1
+            await asyncio.sleep(0.05)  # a database busy with the ledger
+            return await original(digest)
+
+        monkeypatch.setattr(storage, "key_by_digest", counted)
+        client = sdk(mounted(gateway), key=secret)
+        await asyncio.gather(*(client.models.list() for _ in range(32)))
+        assert lookups == 1
+        # Near the end of its cache time a key in use is looked up in the background.
+        await asyncio.sleep(0.45)
+        await client.models.list()
+        await asyncio.sleep(0.1)
+        assert lookups == 2
+        await asyncio.sleep(0.3)  # past the first entry's end: the refreshed one serves
+        await asyncio.gather(*(client.models.list() for _ in range(8)))
+        assert lookups == 2
+
+
 async def test_the_admin_key_manages_but_does_not_chat(upstream: FakeUpstream) -> None:
     from .conftest import ADMIN_KEY
 
