@@ -4,35 +4,39 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive, Scope
 
 from . import _json
 from .errors import GateError, InvalidRequestError, PayloadTooLargeError
+from .record import gate_headers
 
 __all__ = ["check_chat", "check_embeddings", "read_json"]
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
+async def read_json(scope: Scope, receive: Receive, limit: int) -> dict[str, Any]:
+    declared = gate_headers(scope).get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
+    while True:  # the ASGI messages themselves: Request.stream() is a generator more
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            # Nobody is left to answer; the record still says what happened.
+            raise GateError(
+                "The client disconnected while sending the request.",
+                status=499,
+                type="invalid_request_error",
+                code="client_disconnected",
+            )
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        # Nobody is left to answer; the record still says what happened.
-        raise GateError(
-            "The client disconnected while sending the request.",
-            status=499,
-            type="invalid_request_error",
-            code="client_disconnected",
-        ) from None
-    try:
-        body = _json.loads(b"".join(chunks))
+        body = _json.loads(chunks[0] if len(chunks) == 1 else b"".join(chunks))
     except ValueError:
         raise InvalidRequestError(
             "We could not parse the JSON body of your request. The body must be a JSON object."

@@ -39,7 +39,7 @@ from .providers import providers_from_settings
 from .providers.base import Provider
 from .providers.fake import FakeProvider
 from .ratelimit import RateLimitGuard
-from .record import RecordHook, RequestRecord
+from .record import RecordHook, RequestRecord, gate_headers
 from .retry import ROUTING_FIELDS, Candidate, Outcome, RetryPolicy, plan, run
 from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
@@ -123,8 +123,8 @@ class Gateway(Starlette):
 
         chat, embeddings, models = ChatAPI(self), EmbeddingsAPI(self), ModelsAPI(self)
         routes = [
-            Route("/chat/completions", chat.create, methods=["POST"]),
-            Route("/embeddings", embeddings.create, methods=["POST"]),
+            Route("/chat/completions", chat, methods=["POST"]),
+            Route("/embeddings", embeddings, methods=["POST"]),
             Route("/models", models.list, methods=["GET"]),
             Route("/models/{model_id:path}", models.retrieve, methods=["GET"]),
             Route("/ratelimits", RateLimitsAPI(self).get, methods=["GET"]),
@@ -223,9 +223,9 @@ class Gateway(Starlette):
     async def begin(self, request: Request, endpoint: str) -> RequestRecord:
         """Authenticate the caller and open the request's record."""
         scope = request.scope
+        headers = gate_headers(scope)
         # A call from a host route (GateMiddleware's client) arrives authenticated.
-        principal = scope.get(PRINCIPAL) or await authenticate(self.authenticator, request.headers)
-        headers = request.headers
+        principal = scope.get(PRINCIPAL) or await authenticate(self.authenticator, headers)
         return RequestRecord(
             request_id=scope[REQUEST_ID],
             principal=principal,
@@ -309,14 +309,14 @@ class Gateway(Starlette):
         return await run(
             candidates,
             attempt,
-            policy=self.retry_policy.for_request(entry, request.headers),
+            policy=self.retry_policy.for_request(entry, gate_headers(request.scope)),
             health=self.health,
             catalogue=self.catalogue,
             started=record.started,
         )
 
     async def read_json(self, request: Request) -> dict[str, Any]:
-        return await _body.read_json(request, self._max_body)
+        return await _body.read_json(request.scope, request.receive, self._max_body)
 
     check_chat = staticmethod(_body.check_chat)
     check_embeddings = staticmethod(_body.check_embeddings)

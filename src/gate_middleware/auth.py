@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol, runtime_checkable
-
-from starlette.datastructures import Headers
 
 from .errors import AuthenticationError
 
@@ -89,7 +87,7 @@ class StaticKeys:
         return self._principals.get(_digest(key))
 
 
-def bearer_key(headers: Headers) -> str:
+def bearer_key(headers: Mapping[str, str]) -> str:
     """The caller's key from `Authorization: Bearer`, or `x-api-key` as Anthropic's SDKs send."""
     value = headers.get("authorization")
     if value:
@@ -110,7 +108,7 @@ def bearer_key(headers: Headers) -> str:
     )
 
 
-async def authenticate(authenticator: Authenticator, headers: Headers) -> Principal:
+async def authenticate(authenticator: Authenticator, headers: Mapping[str, str]) -> Principal:
     key = bearer_key(headers)
     principal = await authenticator.authenticate(key)
     if principal is None:

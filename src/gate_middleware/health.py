@@ -104,13 +104,18 @@ class RedisHealth:
         self._snapshot: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._down = False
+        self._stopping = False
 
     async def startup(self) -> None:
+        self._stopping = False
         await self._pull()
         self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def aclose(self) -> None:
         if self._task is not None:
+            # The flag as well as the cancel: redis-py may swallow a cancel that lands
+            # mid-command and raise its own error, which the loop would outlive.
+            self._stopping = True
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -121,7 +126,7 @@ class RedisHealth:
         self._snapshot = {k.decode(): float(v) for k, v in raw.items()}
 
     async def _poll(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._refresh)
             try:
                 await self._pull()
@@ -129,6 +134,8 @@ class RedisHealth:
                     logger.warning("Redis health storage is reachable again.")
                     self._down = False
             except Exception:
+                if self._stopping:
+                    return
                 if not self._down:  # once per incident
                     logger.exception("Redis health storage is unreachable; using the last view.")
                     self._down = True

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from decimal import Decimal
 
 from .pricing import Price, level_costs
 from .record import RequestRecord
@@ -30,7 +29,7 @@ def request_cost(record: RequestRecord, price: Price | None) -> list[int]:
         record.completion_tokens = record.completion_tokens or record.estimated_completion_tokens
     if price is None:
         return [0] * len(record.principal.chain)
-    base: Decimal = price.cost(record.prompt_tokens, record.completion_tokens, record.cached_tokens)
+    base = price.cost(record.prompt_tokens, record.completion_tokens, record.cached_tokens)
     return level_costs(base, record.principal)
 
 

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .auth import Principal, authenticate
 from .client import GateClient, as_gate_error
 from .errors import GateError, GatewayNotStartedError, error_response
-from .record import RequestRecord, request_id_for
+from .record import RequestRecord, gate_headers, request_id_for
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -68,7 +68,7 @@ class _Guarded:
                 "(FastAPI(lifespan=gateway.lifespan) or 'async with gateway:')."
             )
         request = Request(self.scope)
-        principal = await authenticate(self.gateway.authenticator, request.headers)
+        principal = await authenticate(self.gateway.authenticator, gate_headers(self.scope))
         path = self.scope["path"]
         self.record = RequestRecord(
             request_id=self.request_id,

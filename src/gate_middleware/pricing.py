@@ -1,9 +1,12 @@
-"""Prices and costs, exact: integer nanodollars (10^-9 USD), Decimal in between.
+"""Prices and costs, exact: integer nanodollars (10^-9 USD), integers in between.
 
-A catalogue price of P USD per million tokens is P * 1000 nanodollars per token. The
-cost at each level of an account chain is the base cost times every multiplier from
-the top account down to that level (a parent resells at its own markup), rounded
-half up once, at the end, so no level pays for another level's rounding.
+A catalogue price of P USD per million tokens is P * 10^9 femtodollars (10^-15 USD) per
+token, an integer for any price with at most 9 decimals. The cost at each level of an
+account chain is the base cost times every multiplier from the top account down to
+that level (a parent resells at its own markup), each multiplier an exact ratio of
+integers, rounded half up to nanodollars once, at the end, so no level pays for
+another level's rounding. Integers, not Decimal: the same exact answer in a tenth of
+the time, and this runs twice on every request.
 """
 
 from __future__ import annotations
@@ -17,19 +20,20 @@ from .routing import ModelEntry
 __all__ = ["NANOS_PER_USD", "Price", "level_costs", "nanos_from_usd", "price_of", "usd"]
 
 NANOS_PER_USD = 10**9
-_PER_TOKEN = Decimal(1000)  # nanodollars per token for 1 USD per million tokens
-_ONE = Decimal(1)
+_FEMTOS_PER_NANO = 10**6
+_RATIOS: dict[Decimal, tuple[int, int]] = {}
 
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """Nanodollars per token."""
+    """Femtodollars (10^-15 USD) per token."""
 
-    prompt: Decimal
-    completion: Decimal
-    cached_prompt: Decimal
+    prompt: int
+    completion: int
+    cached_prompt: int
 
-    def cost(self, prompt: int, completion: int, cached: int = 0) -> Decimal:
+    def cost(self, prompt: int, completion: int, cached: int = 0) -> int:
+        """In femtodollars."""
         cached = min(cached, prompt)
         return (
             (prompt - cached) * self.prompt
@@ -47,19 +51,36 @@ def price_of(entry: ModelEntry) -> Price | None:
     return Price(prompt, _per_token(entry.output_price), cached)
 
 
-def _per_token(per_million: float | None) -> Decimal:
+def _per_token(per_million: float | None) -> int:
     # str() first: the float 0.1 is not the decimal 0.1.
-    return Decimal(str(per_million or 0)) * _PER_TOKEN
+    femtos = Decimal(str(per_million or 0)) * NANOS_PER_USD
+    return int(femtos.to_integral_value(ROUND_HALF_UP))
 
 
-def level_costs(base: Decimal, principal: Principal) -> list[int]:
-    """What each account of the caller's chain is charged, root first."""
-    costs, factor = [], _ONE
+def _ratio(multiplier: Decimal) -> tuple[int, int]:
+    found = _RATIOS.get(multiplier)
+    if found is None:
+        if len(_RATIOS) >= 10_000:
+            _RATIOS.clear()
+        found = _RATIOS[multiplier] = multiplier.as_integer_ratio()
+    return found
+
+
+def level_costs(base: int, principal: Principal) -> list[int]:
+    """What each account of the caller's chain is charged in nanodollars, root first;
+    `base` in femtodollars."""
+    costs = []
+    numerator, denominator = 1, _FEMTOS_PER_NANO
     last = len(principal.chain) - 1
     for index, level in enumerate(principal.chain):
-        factor *= level.multiplier
-        scaled = factor * principal.key_multiplier if index == last else factor
-        costs.append(int((base * scaled).to_integral_value(ROUND_HALF_UP)))
+        n, d = _ratio(level.multiplier)
+        numerator, denominator = numerator * n, denominator * d
+        top, bottom = numerator, denominator
+        if index == last and principal.key_multiplier != 1:
+            n, d = _ratio(principal.key_multiplier)
+            top, bottom = top * n, bottom * d
+        # Half up, for the non-negative amounts costs are.
+        costs.append((2 * base * top + bottom) // (2 * bottom))
     return costs
 
 

@@ -13,7 +13,14 @@ from starlette.types import Scope
 if TYPE_CHECKING:
     from .auth import Principal
 
-__all__ = ["RecordHook", "RequestRecord", "request_id_for", "usage_into"]
+__all__ = [
+    "HEADERS",
+    "RecordHook",
+    "RequestRecord",
+    "gate_headers",
+    "request_id_for",
+    "usage_into",
+]
 
 
 @dataclass(slots=True)
@@ -65,14 +72,39 @@ class RequestRecord:
 RecordHook = Callable[[RequestRecord], None]
 
 
+HEADERS = "gate.headers"  # the scope key of `gate_headers`' answer
+_WANTED = frozenset(
+    (
+        b"authorization",
+        b"x-api-key",
+        b"x-request-id",
+        b"content-length",
+        b"x-title",
+        b"http-referer",
+        b"x-gate-max-retries",
+        b"x-gate-deadline",
+    )
+)
+
+
+def gate_headers(scope: Scope) -> dict[str, str]:
+    """The few request headers the gateway reads, in one pass over them (Starlette's
+    `Headers` walks them all again for every lookup); the first of a repeated one."""
+    found = scope.get(HEADERS)
+    if found is None:
+        found = scope[HEADERS] = {}
+        for name, value in scope["headers"]:
+            if name in _WANTED:
+                found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return found
+
+
 def request_id_for(scope: Scope) -> str:
     """The request's own `x-request-id` (short and printable: it is echoed and stored),
     or a new one."""
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            text: str = value.decode("latin-1")[:128]
-            if text and text.isprintable():
-                return text
+    text = gate_headers(scope).get("x-request-id", "")[:128]
+    if text and text.isprintable():
+        return text
     return f"req_{_PROCESS}{next(_SEQUENCE):012x}"
 
 

@@ -20,6 +20,7 @@ from ..record import RequestRecord, usage_into
 from ..retry import Candidate, Outcome
 from ..sse import DONE, EventStreamResponse, frame
 from ..tokens import estimate_completion_tokens
+from ._endpoint import Endpoint
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -33,11 +34,11 @@ _USAGE_FIELD = re.compile(rb'"usage"\s*:\s*\{')
 _STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-class ChatAPI:
+class ChatAPI(Endpoint):
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
 
-    async def create(self, request: Request) -> Response | EventStreamResponse:
+    async def handle(self, request: Request) -> Response | EventStreamResponse:
         gateway = self._gateway
         record = await gateway.begin(request, "chat.completions")
         try:

@@ -13,6 +13,7 @@ from ..errors import GateError, InvalidRequestError
 from ..providers.base import Reply
 from ..record import usage_into
 from ..retry import Candidate
+from ._endpoint import Endpoint
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -20,11 +21,11 @@ if TYPE_CHECKING:
 __all__ = ["EmbeddingsAPI"]
 
 
-class EmbeddingsAPI:
+class EmbeddingsAPI(Endpoint):
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
 
-    async def create(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
         gateway = self._gateway
         record = await gateway.begin(request, "embeddings")
         try:

@@ -13,10 +13,13 @@ from typing import Protocol
 
 import aiohttp
 import httpx
+from yarl import URL
 
 from ..errors import GatewayNotStartedError, UpstreamError
 
 __all__ = ["AiohttpTransport", "HttpxTransport", "Transport", "TransportResponse"]
+
+_MAX_URLS = 1000
 
 
 class TransportResponse(Protocol):
@@ -101,12 +104,18 @@ class AiohttpTransport:
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._urls: dict[str, URL] = {}
 
     async def startup(self) -> None:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._pool_size, ttl_dns_cache=300)
+            # No cookie jar: cookies an upstream sets for one caller must never ride
+            # along on another's request (and the jar costs time on every call).
             self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=True, trust_env=False
+                connector=connector,
+                auto_decompress=True,
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
 
     async def aclose(self) -> None:
@@ -130,9 +139,14 @@ class AiohttpTransport:
             timeout = self._timeouts[read_timeout] = aiohttp.ClientTimeout(
                 sock_connect=self._connect_timeout, sock_read=read_timeout
             )
+        parsed = self._urls.get(url)
+        if parsed is None:  # parsed once: an upstream has a handful of URLs
+            if len(self._urls) >= _MAX_URLS:
+                self._urls.clear()
+            parsed = self._urls[url] = URL(url)
         try:
             response = await self._session.request(
-                method, url, data=body, headers=headers, timeout=timeout
+                method, parsed, data=body, headers=headers, timeout=timeout
             )
         except asyncio.TimeoutError:
             raise _timeout_error(url) from None
