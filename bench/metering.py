@@ -1,10 +1,12 @@
 """What metering and quotas cost per request: the gateway with them off and on.
 
-Starts the fake upstream and the demo gateway (one uvicorn worker each) three ways:
-settings keys only (no accounting), on SQLite, and on PostgreSQL (a ledger row per
+Starts the fake upstream and the demo gateway (one uvicorn worker each) four ways:
+settings keys only (no accounting), on SQLite (ledger written by its writer process, and
+from a thread), and on PostgreSQL (a ledger row per
 request, a quota hold and settlement, a lease now and then), and drives each with wrk.
 Prints requests/s, p50/p99 and the gateway's own CPU time per request, and the
-difference from "off". Usage: python bench/metering.py [--duration 10] [--connections 32]
+difference from "off", in interleaved rounds. Usage: python bench/metering.py
+[--duration 5] [--rounds 3] [--connections 32]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import tempfile
 import uuid
 
@@ -48,7 +51,8 @@ async def drop(postgres: str, schema: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument(
         "--postgres",
@@ -71,12 +75,10 @@ def main() -> None:
     }
     for name, url in (
         ("sqlite", f"sqlite:///{tmp}/bench.db"),
+        ("sqlite/thread", f"sqlite:///{tmp}/thread.db?writer=thread"),
         ("postgresql", f"{args.postgres}?schema={schema}"),
     ):
         setups[name] = ({**base, "GATE_DATABASE_URL": url}, asyncio.run(funded_key(url)))
-    # "off" again at the end: the machine and the upstream drift during a run, and the
-    # two "off" rows show by how much.
-    setups["off again"] = setups["off"]
     processes = [serve("upstream", up_port, base)]
     try:
         messages = [{"role": "user", "content": "Benchmark me."}]
@@ -89,36 +91,47 @@ def main() -> None:
                 "max_tokens": 16,
             },
         }
-        results: dict[str, dict[str, dict]] = {case: {} for case in cases}
+        targets = {}
         for name, (env, key) in setups.items():
             port = free_port()
-            process = serve("gateway", port, env)
-            processes.append(process)
+            processes.append(serve("gateway", port, env))
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            for case, body in cases.items():
-                run_wrk(wrk, url, body, 2, args.connections, process.pid, key)  # warm-up
-                results[case][name] = run_wrk(
-                    wrk, url, body, args.duration, args.connections, process.pid, key
-                )
-            process.terminate()
-            process.wait(30)
-        print(f"wrk: {args.connections} connections, {args.duration}s each, one uvicorn worker")
+            targets[name] = (url, processes[-1].pid, key)
+        # Rounds interleaved, medians compared: the machine drifts during a run.
+        results: dict[str, dict[str, list[dict]]] = {
+            case: {name: [] for name in targets} for case in cases
+        }
+        for case, body in cases.items():
+            for url, pid, key in targets.values():
+                run_wrk(wrk, url, body, 2, args.connections, pid, key)  # warm-up
+            for _ in range(args.rounds):
+                for name, (url, pid, key) in targets.items():
+                    results[case][name].append(
+                        run_wrk(wrk, url, body, args.duration, args.connections, pid, key)
+                    )
+        print(
+            f"wrk: {args.connections} connections, {args.rounds} rounds of {args.duration}s, "
+            "one uvicorn worker; medians (CPU: the gateway's process and its ledger writer)"
+        )
         for case, rows in results.items():
             print(f"\n{case}")
             print(
-                f"{'accounting':<12}{'req/s':>10}{'p50':>10}{'p99':>10}{'cpu ms/req':>12}"
-                f"{'non-2xx':>9}{'vs off: req/s / cpu':>22}"
+                f"{'accounting':<14}{'req/s':>10}{'cpu ms/req':>12}{'p99':>10}"
+                f"{'vs off: req/s / cpu':>22}   req/s by round"
             )
-            off = {k: (rows["off"][k] + rows["off again"][k]) / 2 for k in ("rps", "cpu_ms")}
-            for name, r in rows.items():
+            off = {k: statistics.median(r[k] for r in rows["off"]) for k in ("rps", "cpu_ms")}
+            for name, runs in rows.items():
+                rps = statistics.median(r["rps"] for r in runs)
+                cpu = statistics.median(r["cpu_ms"] for r in runs)
                 change = (
-                    f"{r['rps'] / off['rps'] - 1:+.1%} / {r['cpu_ms'] / off['cpu_ms'] - 1:+.0%}"
-                    if not name.startswith("off")
+                    f"{rps / off['rps'] - 1:+.1%} / {cpu / off['cpu_ms'] - 1:+.0%}"
+                    if name != "off"
                     else ""
                 )
+                rounds_text = ", ".join(f"{r['rps']:.0f}" for r in runs)
                 print(
-                    f"{name:<12}{r['rps']:>10.0f}{r['p50']:>10}{r['p99']:>10}"
-                    f"{r['cpu_ms']:>12.3f}{r['errors']:>9}{change:>22}"
+                    f"{name:<14}{rps:>10.0f}{cpu:>12.3f}{runs[-1]['p99']:>10}"
+                    f"{change:>22}   {rounds_text}"
                 )
     finally:
         stop([p for p in processes if p.poll() is None])

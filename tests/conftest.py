@@ -206,6 +206,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]
         yield "memory://"
     elif kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'gate.db'}"
+    elif kind == "sqlite-thread":  # the ledger written from a thread, not a process
+        yield f"sqlite:///{tmp_path / 'gate.db'}?writer=thread"
     else:
         base = request.getfixturevalue("postgres_url")
         schema = f"gate_test_{uuid.uuid4().hex[:12]}"
@@ -214,7 +216,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]
         asyncio.run(drop_schema(base, schema))
 
 
-BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+BACKENDS = [
+    "memory",
+    "sqlite",
+    "sqlite-thread",
+    pytest.param("postgres", marks=pytest.mark.postgres),
+]
 
 
 ADMIN_KEY = "sk-admin-test-0123456789"

@@ -2,23 +2,30 @@
 
 One connection in WAL mode, used from worker threads one call at a time (SQLite has
 one writer anyway); every write is a `BEGIN IMMEDIATE` transaction, so several
-processes may share the file: the others wait on `busy_timeout`.
+processes may share the file: the others wait on `busy_timeout`. Ledger batches, the
+bulk of the writes, go to a writer process of their own (`_sqlite_writer`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
+import logging
+import pickle
 import sqlite3
+import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 import anyio
 import anyio.to_thread
 
+from ..errors import ConfigurationError
 from ._common import (
     ACCOUNT_COLUMNS,
     KEY_COLUMNS,
@@ -35,6 +42,7 @@ from ._common import (
     settable,
     where,
 )
+from ._sqlite_writer import Statements, connect, execute, frame
 from .base import (
     Account,
     ApiKey,
@@ -48,6 +56,9 @@ from .base import (
 )
 
 __all__ = ["SQLiteStorage", "migrate"]
+
+logger = logging.getLogger("gate_middleware.storage")
+_WRITER = str(Path(__file__).with_name("_sqlite_writer.py"))
 
 T = TypeVar("T")
 
@@ -98,24 +109,29 @@ def migrate(conn: sqlite3.Connection, steps: Sequence[Sequence[str]] = MIGRATION
     return int(found)
 
 
-def connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
-
-
 class SQLiteStorage:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, writer_process: bool = True) -> None:
+        """`writer_process`: ledger batches are written by a process of their own (see
+        `_sqlite_writer`), else from a worker thread; an in-memory database has none."""
         self.path = str(path)
         self._conn: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
+        self._use_process = writer_process and self.path != ":memory:"
+        self._process: asyncio.subprocess.Process | None = None
+        self._process_lock = asyncio.Lock()
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
-        """`sqlite:///relative.db`, `sqlite:////absolute.db`, `sqlite:///:memory:`."""
-        return cls(url.removeprefix("sqlite://").removeprefix("/") or ":memory:")
+        """`sqlite:///relative.db`, `sqlite:////absolute.db`, `sqlite:///:memory:`;
+        `?writer=thread` writes the ledger from a thread instead of a process."""
+        location, _, query = url.partition("?")
+        writer = dict(parse_qsl(query)).get("writer", "process")
+        if writer not in ("process", "thread"):
+            raise ConfigurationError(
+                f"Unknown SQLite ledger writer {writer!r}: use ?writer=process or ?writer=thread."
+            )
+        path = location.removeprefix("sqlite://").removeprefix("/") or ":memory:"
+        return cls(path, writer_process=writer == "process")
 
     async def open(self) -> None:
         if self._conn is None:
@@ -123,8 +139,11 @@ class SQLiteStorage:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._conn = await anyio.to_thread.run_sync(connect, self.path)
             await self._run(migrate)
+            if self._use_process:
+                await self._start_process()
 
     async def close(self) -> None:
+        await self._stop_process()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await anyio.to_thread.run_sync(conn.close, limiter=self._limiter)
@@ -242,15 +261,71 @@ class SQLiteStorage:
 
     async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
         values = [ledger_values(row) for row in rows]
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (_insert(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+            for chunk in (
+                values[start : start + _ROWS_PER_INSERT]
+                for start in range(0, len(values), _ROWS_PER_INSERT)
+            )
+        ]
+        statements += [statement for spend in spends for statement in _spend_statements(spend)]
+        # A batch without rows (a lease going back) goes by the thread: see _in_process.
+        if not (values and await self._in_process(statements, values[0])):
+            await self._run(execute, statements)
 
-        def write(conn: sqlite3.Connection) -> None:
-            for start in range(0, len(values), _ROWS_PER_INSERT):
-                chunk = values[start : start + _ROWS_PER_INSERT]
-                conn.execute(_insert(len(chunk)), list(itertools.chain.from_iterable(chunk)))
-            for spend in spends:
-                _apply_spend(conn, spend)
+    # The writer process -----------------------------------------------------------
 
-        await self._write(write)
+    async def _start_process(self) -> None:
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",
+                "-S",
+                _WRITER,
+                self.path,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            logger.warning("No ledger writer process (%s); writing from a thread.", exc)
+
+    async def _stop_process(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()  # the process ends at the end of its input
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+
+    async def _in_process(self, statements: Statements, first: Sequence[Any]) -> bool:
+        """Run `statements` in the writer process; False when there is none (any more).
+
+        A process that dies mid-batch may have committed it or not: the batch's first
+        row says which (the batch is one transaction), so a retry never writes twice.
+        """
+        async with self._process_lock:
+            process = self._process
+            if process is None:
+                return False
+            assert process.stdin is not None and process.stdout is not None
+            try:
+                process.stdin.write(frame(statements))
+                await process.stdin.drain()
+                head = await process.stdout.readexactly(4)
+                answer = pickle.loads(await process.stdout.readexactly(int.from_bytes(head, "big")))
+            except (OSError, asyncio.IncompleteReadError):
+                logger.error("The ledger writer process ended; writing from a thread.")
+                self._process = None
+                if process.returncode is None:
+                    process.kill()
+                return await self._run(_has_row, first)
+        if answer is not None:
+            raise sqlite3.OperationalError(answer)
+        return True
 
     async def rows(self, query: LedgerQuery) -> list[LedgerRow]:
         clause, args = where(query, lambda n: "?")
@@ -381,19 +456,30 @@ class SQLiteStorage:
         return await self._write(reclaim)
 
 
-def _apply_spend(conn: sqlite3.Connection, spend: Spend) -> None:
-    taken = 0
-    if spend.lease_id is not None:
-        found = conn.execute("SELECT amount FROM leases WHERE id = ?", (spend.lease_id,)).fetchone()
-        if found is not None:
-            taken = min(spend.amount, found[0])
-            conn.execute(
-                "UPDATE leases SET amount = amount - ? WHERE id = ?", (taken, spend.lease_id)
-            )
-    conn.execute(
-        f"UPDATE {_TABLE[spend.target]} SET spent = spent + ?, leased = leased - ? WHERE id = ?",
-        (spend.amount, taken, spend.target_id),
-    )
+def _spend_statements(spend: Spend) -> list[tuple[str, Sequence[Any]]]:
+    """Spend on the target; the part its lease still covers comes off the lease too."""
+    taken = "COALESCE((SELECT MIN(?, amount) FROM leases WHERE id = ?), 0)"
+    return [
+        (
+            f"UPDATE {_TABLE[spend.target]} SET spent = spent + ?, leased = leased - {taken} "
+            "WHERE id = ?",
+            (spend.amount, spend.amount, spend.lease_id, spend.target_id),
+        ),
+        (
+            "UPDATE leases SET amount = amount - MIN(?, amount) WHERE id = ?",
+            (spend.amount, spend.lease_id),
+        ),
+    ]
+
+
+def _has_row(conn: sqlite3.Connection, values: Sequence[Any]) -> bool:
+    row = dict(zip(LEDGER_COLUMNS, values))
+    found = conn.execute(
+        "SELECT 1 FROM ledger WHERE id = ? AND kind = ? AND created = ? "
+        "AND COALESCE(account_id, '') = ?",
+        (row["id"], row["kind"], row["created"], row["account_id"] or ""),
+    ).fetchone()
+    return found is not None
 
 
 def _release(conn: sqlite3.Connection, lease_id: str) -> None:
