@@ -115,9 +115,6 @@ def gateway() -> Starlette:
     from gate_middleware.demo import create_app
 
     # As `gate-middleware serve` runs it.
-    if os.environ.get("EXP_SWITCH"):
-        import sys
-        sys.setswitchinterval(float(os.environ["EXP_SWITCH"]))
     return create_app(tune=True)
 
 
