@@ -95,3 +95,35 @@ async def test_a_failing_batch_is_refused_whole_and_the_process_stays(tmp_path: 
         assert spent_and_rows(tmp_path / "gate.db") == (2, ["r3"])
     finally:
         await storage.close()
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_a_flush_cancelled_mid_write_counts_the_batch_once(
+    tmp_path: Path, writer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gate_middleware.metering import LedgerWriter
+
+    storage = SQLiteStorage(tmp_path / "gate.db", writer_process=writer == "process")
+    await storage.open()
+    await storage.add_account(Account(id="a", name="A", created_at=NOW))
+    try:
+        real = storage.write
+
+        async def slow_answer(*args: object) -> None:
+            await real(*args)  # type: ignore[arg-type]
+            await asyncio.sleep(0.2)  # committed; the answer is still on its way
+
+        monkeypatch.setattr(storage, "write", slow_answer)
+        ledger = LedgerWriter(storage)
+        ledger.add([row(f"r{i}", 1) for i in range(3000)], [Spend("account", "a", 3000)])
+        flushing = asyncio.ensure_future(ledger.flush())
+        await asyncio.sleep(0.1)
+        flushing.cancel()  # a shutdown, say
+        with pytest.raises(asyncio.CancelledError):
+            await flushing
+        await asyncio.sleep(0.5)  # the write finishes on its own
+        await ledger.flush()
+        spent, ids = spent_and_rows(tmp_path / "gate.db")
+        assert (spent, len(ids), len(set(ids))) == (3000, 3000, 3000)
+    finally:
+        await storage.close()

@@ -120,9 +120,14 @@ class AccountKeys:
         self._ttl = cache_seconds
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._loading: dict[str, asyncio.Task[Principal | None]] = {}
+        self._generation = 0
 
     def forget(self) -> None:
+        # Lookups under way may have read the key before the change: their answers
+        # are not cached (the generation moved on), and new requests look up anew.
+        self._generation += 1
         self._cache.clear()
+        self._loading.clear()
 
     async def authenticate(self, key: str) -> Principal | None:
         hashed = digest(key)
@@ -151,16 +156,20 @@ class AccountKeys:
         return task
 
     def _loaded(self, hashed: str, task: asyncio.Task[Principal | None]) -> None:
-        self._loading.pop(hashed, None)
+        if self._loading.get(hashed) is task:
+            del self._loading[hashed]
         if not task.cancelled():
             task.exception()  # retrieved: a background refresh may have no waiter
 
     async def _refresh(self, hashed: str) -> Principal | None:
+        generation = self._generation
         try:
             found = await self._lookup(hashed)
         except BaseException:
             self._cache.pop(hashed, None)  # disabled, expired, or unknown: ask again
             raise
+        if generation != self._generation:
+            return found  # read before a change: answer this request, cache nothing
         if found is None:
             self._cache.pop(hashed, None)
             return None

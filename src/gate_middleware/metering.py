@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -118,6 +119,16 @@ class LedgerWriter:
                 # The batch stays queued; the next round tries again.
                 logger.exception("Writing %d ledger rows failed; will retry.", self.pending)
 
+    def _requeue(
+        self, write: asyncio.Future[None], *, rows: list[LedgerRow], spends: list[Spend]
+    ) -> None:
+        if not write.cancelled() and write.exception() is None:
+            return
+        self._rows[:0] = rows
+        for spend in spends:
+            key = (spend.target, spend.target_id, spend.lease_id)
+            self._spends[key] = self._spends.get(key, 0) + spend.amount
+
     async def flush(self) -> None:
         """Write everything queued so far; waits for a write already under way."""
         async with self._lock:
@@ -130,11 +141,9 @@ class LedgerWriter:
                 )
                 if spends:
                     self._spends = {}
-                try:
-                    await self._storage.write(rows, spends)
-                except BaseException:
-                    self._rows[:0] = rows
-                    for spend in spends:
-                        key = (spend.target, spend.target_id, spend.lease_id)
-                        self._spends[key] = self._spends.get(key, 0) + spend.amount
-                    raise
+                # Shielded: a cancelled flush (a shutdown) must not leave a batch half
+                # known. The write goes on; only if it fails does the batch queue again,
+                # so it is never both written and queued.
+                write = asyncio.ensure_future(self._storage.write(rows, spends))
+                write.add_done_callback(functools.partial(self._requeue, rows=rows, spends=spends))
+                await asyncio.shield(write)

@@ -114,6 +114,15 @@ _PROCESS = os.urandom(10).hex()
 _SEQUENCE = itertools.count(1)
 
 
+def _reseed() -> None:
+    """A forked worker (gunicorn --preload) gets a prefix of its own."""
+    global _PROCESS, _SEQUENCE
+    _PROCESS, _SEQUENCE = os.urandom(10).hex(), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
 def usage_into(record: RequestRecord, usage: Any) -> None:
     """Copy an OpenAI `usage` object (with its optional details) into the record."""
     if not isinstance(usage, dict):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._context import handle_http_exception
 from ..errors import REQUEST_ID, GateError, error_response, handle_unexpected
 
 __all__ = ["Endpoint"]
@@ -21,6 +23,8 @@ class Endpoint:
             response = await self.handle(request)
         except GateError as exc:
             response = error_response(exc, scope.get(REQUEST_ID))
+        except HTTPException as exc:
+            response = await handle_http_exception(request, exc)
         except Exception as exc:
             response = await handle_unexpected(request, exc)
         await response(scope, receive, send)

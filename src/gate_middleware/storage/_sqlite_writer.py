@@ -42,10 +42,11 @@ def execute(conn: sqlite3.Connection, statements: Statements) -> None:
     try:
         for sql, params in statements:
             conn.execute(sql, params)
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # also when COMMIT itself failed
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def frame(value: object) -> bytes:

@@ -286,7 +286,7 @@ class SQLiteStorage:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
             )
-        except OSError as exc:
+        except Exception as exc:  # no executable, or a loop without subprocesses
             logger.warning("No ledger writer process (%s); writing from a thread.", exc)
 
     async def _stop_process(self) -> None:
@@ -322,6 +322,7 @@ class SQLiteStorage:
                 self._process = None
                 if process.returncode is None:
                     process.kill()
+                await process.wait()
                 return await self._run(_has_row, first)
         if answer is not None:
             raise sqlite3.OperationalError(answer)
