@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-__all__ = ["Statements", "connect", "execute", "read_frame", "write_frame"]
+__all__ = ["Statements", "connect", "execute", "frame", "read_frame", "write_frame"]
 
 Statements = Sequence[tuple[str, Sequence[Any]]]
 _LENGTH = struct.Struct(">I")
