@@ -282,6 +282,33 @@ async def test_requests_in_flight_per_key(store: dict[str, str], upstream: FakeU
         assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
         assert (await client.get("/v1/ratelimits")).json()["concurrency"]["in_flight"] == 0
+        # The request refused for want of a slot counted against no window.
+        assert await remaining(client, "key", "requests") == 1000 - 3
+
+
+async def test_redis_forgetting_its_scripts_loses_no_count(
+    redis_url: str, upstream: FakeUpstream
+) -> None:
+    prefix = f"gate-test-{uuid.uuid4().hex[:12]}"
+    limits = {"storage_uri": redis_url, "key_prefix": prefix}
+    key = {"requests": "5/minute", "concurrency": 3}
+    import redis
+
+    try:
+        async with limited(upstream, **limits, key=key) as (_, client):
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            with redis.Redis.from_url(redis_url) as admin:
+                admin.script_flush()  # as a restarted Redis would have
+            answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(5)]
+            assert [r.status_code for r in answers] == [200] * 4 + [429]
+            assert answers[-2].headers["x-ratelimit-remaining-requests"] == "0"
+            status = (await client.get("/v1/ratelimits")).json()["concurrency"]
+            assert status == {"limit": 3, "in_flight": 0}
+    finally:
+        with redis.Redis.from_url(redis_url) as admin:
+            stale = list(admin.scan_iter(f"{prefix}:*"))
+            if stale:
+                admin.delete(*stale)
 
 
 async def test_a_stream_holds_its_slot_until_it_ends(

@@ -7,6 +7,13 @@ its lease, so the slots of a worker that died free themselves when their lease e
 INCR/DECR counter would stay off by one forever after a crash, or reset under
 requests still in flight if it expired).
 
+A request touches the storage twice: `apply` takes its slot and charges its fixed
+windows together, then gives the slot back with its corrections. In Redis each `apply`
+is one pipelined round trip, the windows counted by the very script `limits` counts
+them with (`incr_expire.lua`, on `limits`' own keys), so `limits` reads them back.
+Measured (redis-py 8.1, loopback): about 100 us of client CPU per command, and 130 to
+190 us for a pipeline of five, so the round trips, not Redis, set the cost.
+
 Every storage failure surfaces as `limits.errors.StorageError`.
 """
 
@@ -14,15 +21,20 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from limits.aio.storage import Storage
+from limits.aio.storage.redis.bridge import RedisBridge
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 
 from .errors import ConfigurationError
 
-__all__ = ["LimitStore", "MemoryStore", "RedisStore", "check_uri", "open_store"]
+__all__ = ["Count", "LimitStore", "MemoryStore", "RedisStore", "check_uri", "open_store"]
+
+# A fixed window's counter: its key (as `limits` names it), expiry in seconds, amount added.
+Count = tuple[str, int, int]
 
 _REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 _SWEEP_EVERY = 1.0  # seconds between sweeps of expired keys in memory
@@ -40,6 +52,7 @@ redis.call('zadd', KEYS[1], t + tonumber(ARGV[2]), ARGV[3])
 redis.call('expire', KEYS[1], math.ceil(tonumber(ARGV[2])))
 return 1
 """
+_INCR_EXPIRE = RedisBridge.SCRIPT_INCR_EXPIRE  # `limits`' own fixed-window counter
 _COUNT = """
 local now = redis.call('time')
 redis.call('zremrangebyscore', KEYS[1], '-inf', tonumber(now[1]) + tonumber(now[2]) / 1000000)
@@ -102,19 +115,30 @@ class MemoryStore:
         _sweep_at_most_every(self.storage, _SWEEP_EVERY)
         self._in_flight: dict[str, int] = {}
 
-    async def acquire(self, key: str, limit: int) -> str | None:
-        count = self._in_flight.get(key, 0)
-        if count >= limit:
-            return None
-        self._in_flight[key] = count + 1
-        return key
-
-    async def release(self, key: str, token: str) -> None:
-        count = self._in_flight.get(key, 0) - 1
-        if count > 0:
-            self._in_flight[key] = count
-        else:
-            self._in_flight.pop(key, None)
+    async def apply(
+        self,
+        counts: Sequence[Count],
+        *,
+        take: tuple[str, int] | None = None,
+        free: tuple[str, str] | None = None,
+    ) -> tuple[str | None, list[int]]:
+        """Free a slot, take one (key, limit), add to counters: the token (None if the
+        slot was full or not asked for) and each counter's new value."""
+        if free is not None:
+            count = self._in_flight.get(free[0], 0) - 1
+            if count > 0:
+                self._in_flight[free[0]] = count
+            else:
+                self._in_flight.pop(free[0], None)
+        token = None
+        if take is not None:
+            key, limit = take
+            count = self._in_flight.get(key, 0)
+            if count < limit:
+                self._in_flight[key] = count + 1
+                token = key
+        incr = self.storage.incr
+        return token, [await incr(key, expiry, amount=amount) for key, expiry, amount in counts]
 
     async def count(self, key: str) -> int:
         return self._in_flight.get(key, 0)
@@ -128,6 +152,7 @@ class RedisStore:
 
     def __init__(self, uri: str, *, key_prefix: str, timeout: float, lease: float) -> None:
         import redis.asyncio as redis
+        from redis.exceptions import NoScriptError
 
         url = uri.removeprefix("async+")
         if url.startswith("redis+unix://"):
@@ -145,26 +170,63 @@ class RedisStore:
         storage = storage_from_string("async+" + uri.removeprefix("async+"), **options)
         self.storage: Storage = storage  # type: ignore[assignment]
         client = redis.Redis(connection_pool=self._pool)
+        self._key_prefix = key_prefix
         self._prefix = key_prefix + ":inflight:"
         self._lease = lease
-        self._acquire = client.register_script(_ACQUIRE)
+        self._no_script = NoScriptError
+        # Script text to SHA1, which is what Redis knows a loaded script by.
+        self._scripts = {
+            script: client.register_script(script).sha for script in (_ACQUIRE, _INCR_EXPIRE)
+        }
         self._count = client.register_script(_COUNT)
         self._client = client
 
-    async def acquire(self, key: str, limit: int) -> str | None:
-        # A token of its own: clients may send the same x-request-id twice.
-        token = uuid.uuid4().hex
+    async def apply(
+        self,
+        counts: Sequence[Count],
+        *,
+        take: tuple[str, int] | None = None,
+        free: tuple[str, str] | None = None,
+    ) -> tuple[str | None, list[int]]:
+        """As `MemoryStore.apply`, in one pipelined round trip."""
+        commands: list[tuple[Any, ...]] = []
+        if free is not None:
+            commands.append(("ZREM", self._prefix + free[0], free[1]))
+        token = None
+        if take is not None:
+            # A token of its own: clients may send the same x-request-id twice.
+            token = uuid.uuid4().hex
+            args = (self._prefix + take[0], take[1], self._lease, token)
+            commands.append(("EVALSHA", self._scripts[_ACQUIRE], 1, *args))
+        incr = self._scripts[_INCR_EXPIRE]
+        prefix = self._key_prefix
+        commands += [
+            ("EVALSHA", incr, 1, f"{prefix}:{key}", expiry, amount)
+            for key, expiry, amount in counts
+        ]
         try:
-            taken = await self._acquire([self._prefix + key], [limit, self._lease, token])
+            results = await self._run(commands)
         except self._errors as exc:
             raise StorageError(exc) from exc
-        return token if taken else None
+        if take is not None and not results[1 if free is not None else 0]:
+            token = None
+        return token, [int(r) for r in results[len(results) - len(counts) :]]
 
-    async def release(self, key: str, token: str) -> None:
-        try:
-            await self._client.zrem(self._prefix + key, token)
-        except self._errors as exc:
-            raise StorageError(exc) from exc
+    async def _run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline; a script Redis no longer knows (a restart, SCRIPT FLUSH) is
+        loaded and its command run again: a NOSCRIPT reply means it did not run."""
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        for n, result in enumerate(results):
+            if isinstance(result, self._no_script):
+                for script in self._scripts:
+                    await self._client.script_load(script)
+                results[n] = await self._client.execute_command(*commands[n])  # type: ignore[no-untyped-call]
+            elif isinstance(result, Exception):
+                raise result
+        return results
 
     async def count(self, key: str) -> int:
         try:

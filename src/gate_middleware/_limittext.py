@@ -52,10 +52,10 @@ def duration(seconds: float) -> str:
     ms = int(seconds * 1000 + 0.5)
     if ms < 1000:
         return f"{ms}ms" if ms else "0s"
-    whole, ms = divmod(ms, 1000)
-    secs = f"{whole % 60}.{ms:03d}".rstrip("0").rstrip(".") if ms else str(whole % 60)
-    if whole < 60:
-        return secs + "s"
+    if ms < 60_000:
+        return f"{ms / 1000:g}s"  # at most 5 digits: %g writes them all, no trailing 0
+    whole = ms // 1000
+    secs = f"{whole % 60 + ms % 1000 / 1000:g}"
     minutes = whole // 60
     if minutes < 60:
         return f"{minutes}m{secs}s"

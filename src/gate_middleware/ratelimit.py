@@ -38,7 +38,7 @@ from limits.errors import StorageError
 from . import _limittext as text
 from ._limitplan import LimitPlans
 from ._limitstore import LimitStore, check_uri, open_store
-from ._windows import Limit, Windows, windows_for
+from ._windows import Change, Limit, Taken, Windows, windows_for
 from .auth import Principal
 from .errors import RateLimitError, UpstreamLimitError
 from .record import RequestRecord
@@ -75,7 +75,7 @@ class RateLimitGuard:
         self.settings = settings
         self._plans = LimitPlans(settings, catalogue, providers)
         self._store: LimitStore | None = None
-        self._windows: dict[str, Windows] = {}
+        self._windows: Windows | None = None
         self._down = False
         self._retry_at = 0.0
 
@@ -89,10 +89,7 @@ class RateLimitGuard:
             timeout=s.storage_timeout,
             lease=s.concurrency_lease,
         )
-        self._windows = {
-            kind: windows_for(s.strategy, kind, self._store.storage)
-            for kind in ("requests", "tokens")
-        }
+        self._windows = windows_for(s.strategy, self._store)
 
     async def aclose(self) -> None:
         if self._store is not None:
@@ -107,27 +104,25 @@ class RateLimitGuard:
         if (not plan and concurrency is None) or self._skip_storage():
             return
         charge = _Charge(tokens=self._estimate(record))
+        windows = self._windows_()
+        slot = None if concurrency is None else (_slot_key(record.principal), concurrency)
         try:
-            if concurrency is not None:
-                await self._take_slot(record.principal, concurrency, charge)
-            left: list[tuple[Limit, int | None]] = []
-            for limit in plan:
-                cost = 1 if limit.kind == "requests" else charge.tokens
-                if limit.kind == "tokens" and cost > limit.item.amount:
-                    raise text.too_large(limit, cost)
-                windows = self._windows[limit.kind]
-                admitted, remaining = await windows.take(limit, cost)
-                if admitted or windows.counts_refused:
-                    charge.taken.append((limit, cost))
+            charges = _charges(plan, charge.tokens, whole=True)
+            token, taken = await windows.take(charges, slot)
+            if slot is not None:
+                if token is None:
+                    raise text.too_many_in_flight(record.principal.key_hint, slot[1])
+                charge.slot = (slot[0], token)
+            charge.at = time.time()
+            charge.taken = [c for c, t in zip(charges, taken) if t[0] or windows.counts_refused]
+            for (limit, cost), (admitted, _, _) in zip(charges, taken):
                 if not admitted:
                     raise await self._refusal(record, limit, cost, charge)
-                left.append((limit, remaining))
-            charge.at = time.time()
-            record.headers.update(await self._headers(left))
+            record.headers.update(await self._headers(plan, taken))
         except RateLimitError:
             with contextlib.suppress(StorageError):  # the refusal stands either way
                 await self._give_back(charge)
-                every = await self._headers([(other, None) for other in plan])
+                every = await self._headers(plan, ())
                 record.headers.update({**every, **record.headers})
             raise
         except StorageError as exc:
@@ -146,13 +141,14 @@ class RateLimitGuard:
             if record.status == 0:  # refused before the call: nothing was used
                 await self._give_back(charge)
                 return
-            if charge.slot is not None:
-                await self._store_().release(*charge.slot)
             used = _used(record)
-            await self._correct(charge.taken, used, charge.at)
+            changes = _corrections(charge.taken, used, charge.at)
             for number, (at, taken) in enumerate(charge.attempts, 1):
                 # Only the last attempt can have answered; the others made nothing.
-                await self._correct(taken, used if number == len(charge.attempts) else 0, at)
+                changes += _corrections(taken, used if number == len(charge.attempts) else 0, at)
+            slot, charge.slot = charge.slot, None
+            if changes or slot is not None:
+                await self._windows_().adjust(changes, slot)
         except StorageError as exc:
             self._failed(exc, refuse=False)
 
@@ -170,26 +166,24 @@ class RateLimitGuard:
         charge = record.extra.get(_CHARGE)
         if charge is None:
             charge = record.extra[_CHARGE] = _Charge(tokens=self._estimate(record))
-        taken: list[tuple[Limit, int]] = []
+        charges = _charges(limits, charge.tokens, whole=False)
+        windows = self._windows_()
         try:
-            for limit in limits:
-                cost = 1 if limit.kind == "requests" else charge.tokens
-                windows = self._windows[limit.kind]
-                admitted, _ = await windows.take(limit, cost)
-                if admitted or windows.counts_refused:
-                    taken.append((limit, cost))
-                if not admitted:
-                    await self._return(taken, time.time())
-                    reset, remaining = await windows.stats(limit)
-                    refused = text.refused(limit, cost, reset, remaining)
-                    raise UpstreamLimitError(
-                        refused.message,
-                        type=limit.kind,
-                        retry_after=max(reset - time.time(), 0.001),
-                    )
+            _, results = await windows.take(charges)
+            at = time.time()
+            taken = [c for c, t in zip(charges, results) if t[0] or windows.counts_refused]
+            for (limit, cost), (admitted, _, _) in zip(charges, results):
+                if admitted:
+                    continue
+                await windows.adjust([(lim, -n, at) for lim, n in taken])
+                reset, remaining = await windows.stats(limit)
+                refused = text.refused(limit, cost, reset, remaining)
+                raise UpstreamLimitError(
+                    refused.message,
+                    type=limit.kind,
+                    retry_after=max(reset - time.time(), 0.001),
+                )
         except StorageError as exc:
-            with contextlib.suppress(StorageError):
-                await self._return(taken, time.time())
             self._failed(exc, refuse=True)
             return
         self._answered()
@@ -209,7 +203,7 @@ class RateLimitGuard:
             now = time.time()
             data = []
             for limit in limits:
-                reset, remaining = await self._windows[limit.kind].stats(limit)
+                reset, remaining = await self._windows_().stats(limit)
                 wait = max(reset - now, 0.0)
                 data.append(
                     {
@@ -250,47 +244,32 @@ class RateLimitGuard:
         assert self._store is not None, "the gateway's lifespan opens the limit storage"
         return self._store
 
-    async def _take_slot(self, principal: Principal, limit: int, charge: _Charge) -> None:
-        key = _slot_key(principal)
-        token = await self._store_().acquire(key, limit)
-        if token is None:
-            raise text.too_many_in_flight(principal.key_hint, limit)
-        charge.slot = (key, token)
+    def _windows_(self) -> Windows:
+        assert self._windows is not None, "the gateway's lifespan opens the limit storage"
+        return self._windows
 
     async def _give_back(self, charge: _Charge) -> None:
-        if charge.slot is not None:
-            slot, charge.slot = charge.slot, None
-            await self._store_().release(*slot)
+        slot, charge.slot = charge.slot, None
         taken, charge.taken = charge.taken, []
-        await self._return(taken, time.time())
+        if taken or slot is not None:
+            changes = [(limit, -cost, charge.at) for limit, cost in taken]
+            await self._windows_().adjust(changes, slot)
 
-    async def _return(self, taken: list[tuple[Limit, int]], charged_at: float) -> None:
-        for limit, cost in taken:
-            await self._windows[limit.kind].give_back(limit, cost, charged_at)
-
-    async def _correct(self, taken: list[tuple[Limit, int]], used: int, charged_at: float) -> None:
-        """Bring the token charges to what was used (see the module's docstring)."""
-        windows = self._windows["tokens"]
-        for limit, cost in taken:
-            if limit.kind != "tokens" or used == cost:
-                continue
-            if used > cost:
-                await windows.add(limit, used - cost)
-            else:
-                await windows.give_back(limit, cost - used, charged_at)
-
-    async def _headers(self, left: Sequence[tuple[Limit, int | None]]) -> dict[str, str]:
-        """OpenAI's x-ratelimit-* headers, from the limit with the least left of each kind."""
+    async def _headers(self, plan: Sequence[Limit], taken: Sequence[Taken]) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers, from the limit with the least left of each kind;
+        `taken` tells what is left where the charge already knows it."""
         tightest: dict[str, tuple[int, float, Limit]] = {}
-        for limit, known in left:
-            reset, remaining = await self._windows[limit.kind].stats(limit, known)
+        for n, limit in enumerate(plan):
+            _, remaining, reset = taken[n] if n < len(taken) else (True, None, None)
+            if remaining is None or reset is None:
+                reset, remaining = await self._windows_().stats(limit)
             held = tightest.get(limit.kind)
             if held is None or remaining < held[0]:
                 tightest[limit.kind] = (remaining, reset, limit)
         now = time.time()
-        headers = {}
+        headers: dict[str, str] = {}
         for kind, (remaining, reset, limit) in tightest.items():
-            headers.update(text.openai_headers(kind, limit.item.amount, remaining, reset - now))
+            headers.update(text.openai_headers(kind, limit.amount, remaining, reset - now))
         return headers
 
     async def _refusal(
@@ -298,10 +277,10 @@ class RateLimitGuard:
     ) -> RateLimitError:
         """Give back what was taken, then say what was refused."""
         await self._give_back(charge)
-        reset, remaining = await self._windows[limit.kind].stats(limit)
+        reset, remaining = await self._windows_().stats(limit)
         # The refused limit speaks for its kind, even where another has less left.
         wait = reset - time.time()
-        record.headers.update(text.openai_headers(limit.kind, limit.item.amount, remaining, wait))
+        record.headers.update(text.openai_headers(limit.kind, limit.amount, remaining, wait))
         return text.refused(limit, cost, reset, remaining)
 
     # Storage outages ---------------------------------------------------------------
@@ -337,6 +316,30 @@ class RateLimitGuard:
 
 def _slot_key(principal: Principal) -> str:
     return f"key/{principal.id}"
+
+
+def _charges(limits: Sequence[Limit], tokens: int, *, whole: bool) -> list[tuple[Limit, int]]:
+    """What each limit is charged: a request, or the request's token estimate. `whole`:
+    refuse for good an estimate larger than a whole window (an upstream's limit
+    instead refuses the attempt, and the next candidate is tried)."""
+    charges = []
+    for limit in limits:
+        if limit.kind == "requests":
+            charges.append((limit, 1))
+        elif whole and tokens > limit.amount:
+            raise text.too_large(limit, tokens)
+        else:
+            charges.append((limit, tokens))
+    return charges
+
+
+def _corrections(taken: Sequence[tuple[Limit, int]], used: int, charged_at: float) -> list[Change]:
+    """Bring token charges to what was used (see the module's docstring)."""
+    return [
+        (limit, used - cost, charged_at)
+        for limit, cost in taken
+        if limit.kind == "tokens" and used != cost
+    ]
 
 
 def _used(record: RequestRecord) -> int:
