@@ -79,6 +79,34 @@ async def test_200_concurrent_requests_against_50_on_sqlite(tmp_path: Path) -> N
         assert len(rows) == 200 and sum(r.amount for r in rows) == 50 * COST
 
 
+async def test_used_up_leases_go_back_under_steady_load(tmp_path: Path) -> None:
+    """A purse that never idles must not keep every lease it ever took: each one would
+    lengthen every later request's spend, and stay leased in the database."""
+    upstream = FakeUpstream()
+    url = f"sqlite:///{tmp_path / 'leases.db'}"
+    gateway = make_billing_gateway(upstream, url, quota_lease_usd=usd(COST * 3))
+    async with gateway:
+        account, secret = await fund(gateway, usd(COST * 100))
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=mounted(gateway)),
+            base_url="http://gate.test",
+            headers={"authorization": f"Bearer {secret}"},
+        ) as http:
+            for _ in range(30):  # about ten leases' worth
+                assert (await http.post("/v1/chat/completions", json=BODY)).status_code == 200
+        assert gateway.accounting is not None and gateway.accounting.book is not None
+        book = gateway.accounting.book
+        purse = book.purse("account", account)
+        assert len(purse.leases) <= 1
+        await book.tidy()
+        state = await gateway.accounting.storage.account(account)
+        assert state is not None
+        assert state.spent == 30 * COST
+        # Only what the live lease still holds is leased in the database.
+        assert state.leased == sum(lease.amount for lease in purse.leases)
+        assert state.available == (100 - 30) * COST - state.leased
+
+
 def _start_gateway(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [

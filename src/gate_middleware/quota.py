@@ -6,8 +6,9 @@ budget - spent - leased >= x`), so the leases of all processes together never ex
 what the account may spend. A request holds the most it can cost from the purse of
 every level of its chain (in memory, no await), and on settlement gives back the
 hold and spends the real cost; the spend reaches the database with the ledger rows,
-taken off the lease in the same transaction. Idle leases go back; a dead process's
-leases expire and are reclaimed by the others.
+taken off the lease in the same transaction. Used-up and idle leases go back (so a
+purse under steady load keeps one or two, not one per top-up since it started); a
+dead process's leases expire and are reclaimed by the others.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Purse:
     free: int = 0  # leased, not held, not spent
     held: int = 0
     leases: list[Lease] = field(default_factory=list)
+    used_up: list[Lease] = field(default_factory=list)  # spent to 0, to go back
     used: float = 0.0  # monotonic time of the last hold
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -52,6 +54,8 @@ class Purse:
                 spends.append(Spend(self.target, self.target_id, take, lease.id))
         if cost > 0:
             spends.append(Spend(self.target, self.target_id, cost))
+        while self.leases and self.leases[0].amount == 0:
+            self.used_up.append(self.leases.pop(0))
         return spends
 
 
@@ -163,20 +167,29 @@ class LeaseBook:
     async def tidy(self) -> None:
         idle_after = time.monotonic() - self._seconds / 3
         renew: list[str] = []
+        used_up: list[Lease] = []
         for purse in list(self._purses.values()):
+            used_up += purse.used_up
+            purse.used_up = []
             if purse.held == 0 and purse.used < idle_after:
                 await self._return(purse)
             else:
                 renew.extend(lease.id for lease in purse.leases)
+        if used_up:
+            # Their spends reach the database first (see `_return`).
+            await self._writer.flush()
+            for lease in used_up:
+                await self._storage.release(lease.id)
         if renew:
             await self._storage.renew(renew, time.time() + self._seconds)
         # Another process's lease is taken back only long after it stopped renewing.
         await self._storage.reclaim(time.time() - self._seconds)
 
     async def _return(self, purse: Purse) -> None:
-        if not purse.leases or purse.held:
+        if not (purse.leases or purse.used_up) or purse.held:
             return
-        leases, purse.leases, purse.free = purse.leases, [], 0
+        leases = purse.leases + purse.used_up
+        purse.leases, purse.used_up, purse.free = [], [], 0
         # Spends against these leases must reach the database before they go back.
         await self._writer.flush()
         for lease in leases:
