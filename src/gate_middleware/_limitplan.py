@@ -16,10 +16,15 @@ from .errors import ConfigurationError, NotFoundError
 from .routing import Catalogue, Deployment
 from .settings import LimitSettings, RateLimitSettings
 
-__all__ = ["LimitPlans"]
+__all__ = ["LimitPlans", "RequestPlan", "slot_key"]
 
 _MINUTE, _DAY = 60, 86400
 _MAX_PLANS = 10_000  # cached per (principal, model); cleared when full
+
+
+class RequestPlan(NamedTuple):
+    limits: tuple[Limit, ...]  # in the order they are charged
+    slot: tuple[str, int] | None  # the key's requests in flight: storage key, most at once
 
 
 class _Rules(NamedTuple):
@@ -51,24 +56,30 @@ class LimitPlans:
             ids = ("deployment", name)
             self._deployments[name] = tuple(_limits("deployment", name, ids, _rules(limits)))
         self._gateway = tuple(_limits("gateway", "", ("gateway",), _rules(settings.gateway)))
-        self._plans: dict[tuple[Principal, str], tuple[Limit, ...]] = {}
+        self._plans: dict[tuple[str, str], tuple[Principal, RequestPlan]] = {}
 
-    def request(self, principal: Principal, model: str) -> tuple[Limit, ...]:
-        """A request's limits, in the order they are charged."""
-        cache_key = (principal, model)
-        plan = self._plans.get(cache_key)
-        if plan is None:
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            model_id = None
-            if model and self._models:
-                with contextlib.suppress(NotFoundError):
-                    model_id = self._catalogue.resolve(model).id
-            plan = self._plans[cache_key] = (
-                *self._key_limits(principal),
-                *self._model_limits(principal, model_id),
-                *self._gateway,
-            )
+    def request(self, principal: Principal, model: str) -> RequestPlan:
+        """A request's limits and its slot. Cached by key and model, for as long as the
+        key's principal stays the same (hashing a whole principal costs more)."""
+        cache_key = (principal.id, model)
+        cached = self._plans.get(cache_key)
+        if cached is not None and (cached[0] is principal or cached[0] == principal):
+            return cached[1]
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        model_id = None
+        if model and self._models:
+            with contextlib.suppress(NotFoundError):
+                model_id = self._catalogue.resolve(model).id
+        limits = (
+            *self._key_limits(principal),
+            *self._model_limits(principal, model_id),
+            *self._gateway,
+        )
+        concurrency = self.concurrency(principal)
+        slot = None if concurrency is None else (slot_key(principal), concurrency)
+        plan = RequestPlan(limits, slot)
+        self._plans[cache_key] = (principal, plan)
         return plan
 
     @property
@@ -136,6 +147,11 @@ class LimitPlans:
         if rules is None or model_id is None:
             return []
         return _limits("model", model_id, ("model", model_id, principal.id), rules)
+
+
+def slot_key(principal: Principal) -> str:
+    """Where a key's requests in flight are counted."""
+    return f"key/{principal.id}"
 
 
 def _rules(settings: LimitSettings) -> _Rules:

@@ -137,6 +137,8 @@ class MemoryStore:
             if count < limit:
                 self._in_flight[key] = count + 1
                 token = key
+        if not counts:
+            return token, []
         incr = self.storage.incr
         return token, [await incr(key, expiry, amount=amount) for key, expiry, amount in counts]
 

@@ -38,13 +38,14 @@ _HEADER_NAMES = {
 }
 
 
-def openai_headers(kind: str, limit: int, remaining: int, reset_in: float) -> dict[str, str]:
+def openai_headers(
+    into: dict[str, str], kind: str, limit: int, remaining: int, reset_in: float
+) -> None:
+    """Set OpenAI's three x-ratelimit-* headers of `kind` in `into`."""
     limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-    return {
-        limit_name: str(limit),
-        remaining_name: str(remaining) if remaining > 0 else "0",
-        reset_name: duration(reset_in) if reset_in > 0 else "0s",
-    }
+    into[limit_name] = str(limit)
+    into[remaining_name] = str(remaining) if remaining > 0 else "0"
+    into[reset_name] = duration(reset_in) if reset_in > 0 else "0s"
 
 
 def duration(seconds: float) -> str:

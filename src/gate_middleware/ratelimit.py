@@ -30,13 +30,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from limits.errors import StorageError
 
 from . import _limittext as text
-from ._limitplan import LimitPlans
+from ._limitplan import LimitPlans, slot_key
 from ._limitstore import LimitStore, check_uri, open_store
 from ._windows import Change, Limit, Taken, Windows, windows_for
 from .auth import Principal
@@ -58,11 +58,11 @@ class _Charge:
     """What one admitted request took, so `settle` corrects or returns exactly that."""
 
     tokens: int
-    taken: list[tuple[Limit, int]] = field(default_factory=list)
-    slot: tuple[str, str] | None = None
-    at: float = 0.0
+    taken: list[tuple[Limit, int]]
+    slot: tuple[str, str] | None  # storage key, token
+    at: float
     # Per attempt at an upstream: when, and what its limits took.
-    attempts: list[tuple[float, list[tuple[Limit, int]]]] = field(default_factory=list)
+    attempts: list[tuple[float, list[tuple[Limit, int]]]]
 
 
 class RateLimitGuard:
@@ -99,13 +99,11 @@ class RateLimitGuard:
     # Guard -------------------------------------------------------------------------
 
     async def admit(self, record: RequestRecord) -> None:
-        plan = self._plans.request(record.principal, record.model)
-        concurrency = self._plans.concurrency(record.principal)
-        if (not plan and concurrency is None) or self._skip_storage():
+        plan, slot = self._plans.request(record.principal, record.model)
+        if (not plan and slot is None) or self._skip_storage():
             return
-        charge = _Charge(tokens=self._estimate(record))
+        charge = _Charge(self._estimate(record), [], None, 0.0, [])
         windows = self._windows_()
-        slot = None if concurrency is None else (_slot_key(record.principal), concurrency)
         try:
             charges = _charges(plan, charge.tokens, whole=True)
             token, taken = await windows.take(charges, slot)
@@ -114,15 +112,20 @@ class RateLimitGuard:
                     raise text.too_many_in_flight(record.principal.key_hint, slot[1])
                 charge.slot = (slot[0], token)
             charge.at = time.time()
-            charge.taken = [c for c, t in zip(charges, taken) if t[0] or windows.counts_refused]
+            refused = None
             for (limit, cost), (admitted, _, _) in zip(charges, taken):
-                if not admitted:
-                    raise await self._refusal(record, limit, cost, charge)
-            record.headers.update(await self._headers(plan, taken))
+                if admitted or windows.counts_refused:
+                    charge.taken.append((limit, cost))
+                if not admitted and refused is None:
+                    refused = (limit, cost)
+            if refused is not None:
+                raise await self._refusal(record, *refused, charge)
+            await self._headers(plan, taken, record.headers)
         except RateLimitError:
             with contextlib.suppress(StorageError):  # the refusal stands either way
                 await self._give_back(charge)
-                every = await self._headers(plan, ())
+                every: dict[str, str] = {}
+                await self._headers(plan, (), every)
                 record.headers.update({**every, **record.headers})
             raise
         except StorageError as exc:
@@ -130,7 +133,8 @@ class RateLimitGuard:
                 await self._give_back(charge)
             self._failed(exc, refuse=True)
             return
-        self._answered()
+        if self._down:
+            self._answered()
         record.extra[_CHARGE] = charge
 
     async def settle(self, record: RequestRecord) -> None:
@@ -143,9 +147,11 @@ class RateLimitGuard:
                 return
             used = _used(record)
             changes = _corrections(charge.taken, used, charge.at)
-            for number, (at, taken) in enumerate(charge.attempts, 1):
-                # Only the last attempt can have answered; the others made nothing.
-                changes += _corrections(taken, used if number == len(charge.attempts) else 0, at)
+            if charge.attempts:
+                last = len(charge.attempts)
+                for number, (at, taken) in enumerate(charge.attempts, 1):
+                    # Only the last attempt can have answered; the others made nothing.
+                    changes += _corrections(taken, used if number == last else 0, at)
             slot, charge.slot = charge.slot, None
             if changes or slot is not None:
                 await self._windows_().adjust(changes, slot)
@@ -165,7 +171,7 @@ class RateLimitGuard:
             return
         charge = record.extra.get(_CHARGE)
         if charge is None:
-            charge = record.extra[_CHARGE] = _Charge(tokens=self._estimate(record))
+            charge = record.extra[_CHARGE] = _Charge(self._estimate(record), [], None, 0.0, [])
         charges = _charges(limits, charge.tokens, whole=False)
         windows = self._windows_()
         try:
@@ -218,7 +224,7 @@ class RateLimitGuard:
                         "reset_seconds": round(wait, 3),
                     }
                 )
-            in_flight = await self._store_().count(_slot_key(principal))
+            in_flight = await self._store_().count(slot_key(principal))
         except StorageError as exc:
             self._failed(exc, refuse=False)
             raise text.unavailable("read") from None
@@ -255,7 +261,9 @@ class RateLimitGuard:
             changes = [(limit, -cost, charge.at) for limit, cost in taken]
             await self._windows_().adjust(changes, slot)
 
-    async def _headers(self, plan: Sequence[Limit], taken: Sequence[Taken]) -> dict[str, str]:
+    async def _headers(
+        self, plan: Sequence[Limit], taken: Sequence[Taken], into: dict[str, str]
+    ) -> None:
         """OpenAI's x-ratelimit-* headers, from the limit with the least left of each kind;
         `taken` tells what is left where the charge already knows it."""
         tightest: dict[str, tuple[int, float, Limit]] = {}
@@ -267,10 +275,8 @@ class RateLimitGuard:
             if held is None or remaining < held[0]:
                 tightest[limit.kind] = (remaining, reset, limit)
         now = time.time()
-        headers: dict[str, str] = {}
         for kind, (remaining, reset, limit) in tightest.items():
-            headers.update(text.openai_headers(kind, limit.amount, remaining, reset - now))
-        return headers
+            text.openai_headers(into, kind, limit.amount, remaining, reset - now)
 
     async def _refusal(
         self, record: RequestRecord, limit: Limit, cost: int, charge: _Charge
@@ -280,7 +286,7 @@ class RateLimitGuard:
         reset, remaining = await self._windows_().stats(limit)
         # The refused limit speaks for its kind, even where another has less left.
         wait = reset - time.time()
-        record.headers.update(text.openai_headers(limit.kind, limit.amount, remaining, wait))
+        text.openai_headers(record.headers, limit.kind, limit.amount, remaining, wait)
         return text.refused(limit, cost, reset, remaining)
 
     # Storage outages ---------------------------------------------------------------
@@ -312,10 +318,6 @@ class RateLimitGuard:
         if self._down:
             self._down = False
             logger.warning("The rate-limit storage answers again; limits apply.")
-
-
-def _slot_key(principal: Principal) -> str:
-    return f"key/{principal.id}"
 
 
 def _charges(limits: Sequence[Limit], tokens: int, *, whole: bool) -> list[tuple[Limit, int]]:

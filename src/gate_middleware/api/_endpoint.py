@@ -1,15 +1,23 @@
-"""`Endpoint`: a route that is its own ASGI app, for the endpoints every call goes through."""
+"""`Endpoint`: a route that is its own ASGI app, for the endpoints every call goes
+through; and how their answers are sent."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .. import _json
 from .._context import handle_http_exception
 from ..errors import REQUEST_ID, GateError, error_response, handle_unexpected
+from ..record import RequestRecord
+from ..retry import Outcome
 
-__all__ = ["Endpoint"]
+__all__ = ["Endpoint", "answer", "answer_headers"]
 
 
 class Endpoint:
@@ -31,3 +39,34 @@ class Endpoint:
 
     async def handle(self, request: Request) -> ASGIApp:
         raise NotImplementedError
+
+
+class _JSONAnswer(Response):
+    """JSON bytes with header names already in lower case: Starlette's `init_headers`
+    lower-cases and scans them all again, a dozen on a rate-limited answer."""
+
+    media_type = "application/json"
+
+    def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
+        raw = [
+            (b"content-length", str(len(self.body)).encode()),
+            (b"content-type", b"application/json"),
+        ]
+        if headers:
+            raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.raw_headers = raw
+
+
+def answer_headers(record: RequestRecord, outcome: Outcome[Any]) -> dict[str, str]:
+    """The guards' headers (rate limits), who answered and the request's id."""
+    return {
+        **record.headers,
+        "x-gate-provider": outcome.candidate.deployment.provider_name,
+        "x-gate-attempts": str(outcome.attempts),
+        "x-request-id": record.request_id,
+    }
+
+
+def answer(data: Any, record: RequestRecord, outcome: Outcome[Any]) -> Response:
+    """A whole answer."""
+    return _JSONAnswer(_json.dumps(data), headers=answer_headers(record, outcome))

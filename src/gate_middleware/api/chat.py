@@ -20,7 +20,7 @@ from ..record import RequestRecord, usage_into
 from ..retry import Candidate, Outcome
 from ..sse import DONE, EventStreamResponse, frame
 from ..tokens import estimate_completion_tokens
-from ._endpoint import Endpoint
+from ._endpoint import Endpoint, answer, answer_headers
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -68,11 +68,7 @@ class ChatAPI(Endpoint):
         if not record.usage_reported:
             record.estimated_completion_tokens = estimate_completion_tokens(data)
         await gateway.finish(record)
-        return Response(
-            _json.dumps(data),
-            media_type="application/json",
-            headers=_headers(record, answered),
-        )
+        return answer(data, record, answered)
 
     def _stream(
         self,
@@ -144,17 +140,8 @@ class ChatAPI(Endpoint):
                     await gateway.finish(record, error, disconnected=disconnected)
 
         return EventStreamResponse(
-            events(), headers={**_headers(record, opened), **_STREAM_HEADERS}
+            events(), headers={**answer_headers(record, opened), **_STREAM_HEADERS}
         )
-
-
-def _headers(record: RequestRecord, outcome: Outcome[Any]) -> dict[str, str]:
-    return {
-        **record.headers,
-        "x-gate-provider": outcome.candidate.deployment.provider_name,
-        "x-gate-attempts": str(outcome.attempts),
-        "x-request-id": record.request_id,
-    }
 
 
 def _whole(candidate: Candidate, body: dict[str, Any]) -> Awaitable[Reply]:

@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .. import _json
 from ..errors import GateError, InvalidRequestError
 from ..providers.base import Reply
 from ..record import usage_into
 from ..retry import Candidate
-from ._endpoint import Endpoint
+from ._endpoint import Endpoint, answer
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -47,16 +46,7 @@ class EmbeddingsAPI(Endpoint):
         data["model"] = answered.candidate.entry.id
         usage_into(record, data.get("usage"))
         await gateway.finish(record)
-        return Response(
-            _json.dumps(data),
-            media_type="application/json",
-            headers={
-                **record.headers,
-                "x-gate-provider": answered.candidate.deployment.provider_name,
-                "x-gate-attempts": str(answered.attempts),
-                "x-request-id": record.request_id,
-            },
-        )
+        return answer(data, record, answered)
 
 
 def _embed(candidate: Candidate, body: dict[str, Any]) -> Awaitable[Reply]:
