@@ -103,13 +103,15 @@ class FakeUpstream:
         random_faults: Sequence[Fault] = (),
         seed: int | None = None,
         api_key: str | None = None,
+        keep: int = 10_000,
     ) -> None:
         self.latency = latency
         self.chunk_latency = chunk_latency
         self.fault_rate = fault_rate
         self.random_faults = list(random_faults)
         self.api_key = api_key
-        self.requests: list[dict[str, Any]] = []
+        # The last `keep` requests: a long run (a benchmark) must not grow without end.
+        self.requests: deque[dict[str, Any]] = deque(maxlen=keep)
         self.open_streams = 0
         self.disconnects = 0  # streams whose client (the gateway) went away mid-way
         self._scheduled: deque[Fault] = deque(faults)
