@@ -43,7 +43,7 @@ async def test_bad_chat_bodies_name_the_param(
     assert response.status_code == 400
     assert_openai_error(response.json(), param=param)
     assert response.json()["error"]["type"] == "invalid_request_error"
-    assert upstream.requests == []
+    assert len(upstream.requests) == 0
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
@@ -110,7 +110,7 @@ async def test_body_over_the_limit_is_413(upstream: FakeUpstream) -> None:
 
         streamed = await http.post("/v1/chat/completions", content=chunked())
         assert streamed.status_code == 413
-    assert upstream.requests == []
+    assert len(upstream.requests) == 0
 
 
 async def test_unknown_paths(http: httpx2.AsyncClient, gateway: object) -> None:

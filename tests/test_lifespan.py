@@ -26,7 +26,7 @@ async def test_a_forgotten_lifespan_fails_loudly(
     assert "lifespan=gateway.lifespan" in caught.value.body["message"]
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert "before its lifespan" in caplog.text
-    assert upstream.requests == []
+    assert len(upstream.requests) == 0
 
 
 def test_fastapi_lifespan_starts_and_stops_the_gateway(upstream: FakeUpstream) -> None:

@@ -106,7 +106,7 @@ async def test_short_balance_is_402_insufficient_quota_and_still_ledgered(
         assert refused.value.status_code == 402
         assert refused.value.code == "insufficient_quota"
         assert refused.value.body["type"] == "insufficient_quota"  # type: ignore[index]
-        assert upstream.requests == []
+        assert len(upstream.requests) == 0
         ok = await client.chat.completions.create(
             model="openai/gpt-4.1", messages=MESSAGES, max_tokens=10
         )

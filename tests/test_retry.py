@@ -130,7 +130,7 @@ async def test_errors_no_retry_can_fix_go_straight_back(
     assert response.status_code == status
     assert response.headers["x-should-retry"] == "false"
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-    assert len(a.requests) == 1 and b.requests == []
+    assert len(a.requests) == 1 and len(b.requests) == 0
 
 
 async def test_retry_after_is_honoured(gateway: Gateway, a: FakeUpstream) -> None:
@@ -213,7 +213,7 @@ async def test_allow_fallbacks_false_uses_only_the_listed_providers(
         {"x-gate-max-retries": "2"},
     )
     assert response.status_code == 503
-    assert len(a.requests) == 3 and b.requests == []
+    assert len(a.requests) == 3 and len(b.requests) == 0
 
 
 async def test_cross_model_fallbacks_configured_and_per_request(
