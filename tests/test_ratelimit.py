@@ -169,6 +169,50 @@ async def test_tokens_estimated_up_front_and_corrected_after(
             assert left == 10000 - estimate  # these windows keep what they counted
 
 
+async def test_tokens_given_back_ride_on_the_next_charge(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    limits = {**store, "completion_estimate": 300}
+    async with limited(upstream, **limits, key={"tokens": "10000/minute"}) as (_, client):
+        first = await client.post("/v1/chat/completions", json=CHAT)
+        second = await client.post("/v1/chat/completions", json=CHAT)
+        used = first.json()["usage"]["total_tokens"]
+        estimate = 10000 - int(first.headers["x-ratelimit-remaining-tokens"])
+        # The second answer's headers count the first request at what it used.
+        assert int(second.headers["x-ratelimit-remaining-tokens"]) == 10000 - used - estimate
+        assert await remaining(client, "key", "tokens") == 10000 - 2 * used
+
+
+async def test_tokens_given_back_reach_other_workers(
+    redis_url: str, upstream: FakeUpstream
+) -> None:
+    """Two gateways on one Redis: one's give-back reaches the other within moments,
+    and a gateway that stops sends what still waits."""
+    prefix = f"gate-test-{uuid.uuid4().hex[:12]}"
+    limits = {
+        "storage_uri": redis_url,
+        "key_prefix": prefix,
+        "completion_estimate": 300,
+        "key": {"tokens": "10000/minute"},
+    }
+    import redis
+
+    try:
+        async with limited(upstream, **limits) as (_, other):
+            async with limited(upstream, **limits) as (_, client):
+                used = (await client.post("/v1/chat/completions", json=CHAT)).json()["usage"]
+                await asyncio.sleep(0.3)
+                assert await remaining(other, "key", "tokens") == 10000 - used["total_tokens"]
+                await client.post("/v1/chat/completions", json=CHAT)
+            # Stopped at once, before its give-back was due: it went on the way out.
+            assert await remaining(other, "key", "tokens") == 10000 - 2 * used["total_tokens"]
+    finally:
+        with redis.Redis.from_url(redis_url) as admin:
+            stale = list(admin.scan_iter(f"{prefix}:*"))
+            if stale:
+                admin.delete(*stale)
+
+
 @pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
 async def test_tokens_used_beyond_the_estimate_are_charged(
     store: dict[str, str], upstream: FakeUpstream, strategy: str

@@ -110,6 +110,8 @@ def check_uri(uri: str) -> None:
 class MemoryStore:
     """This process only: the `limits` memory storage and a dict of in-flight counts."""
 
+    shared = False  # give-backs wait for the next charge of their counter
+
     def __init__(self) -> None:
         self.storage: Storage = storage_from_string("async+memory://")  # type: ignore[assignment]
         _sweep_at_most_every(self.storage, _SWEEP_EVERY)
@@ -120,16 +122,16 @@ class MemoryStore:
         counts: Sequence[Count],
         *,
         take: tuple[str, int] | None = None,
-        free: tuple[str, str] | None = None,
+        free: Sequence[tuple[str, str]] = (),
     ) -> tuple[str | None, list[int]]:
-        """Free a slot, take one (key, limit), add to counters: the token (None if the
-        slot was full or not asked for) and each counter's new value."""
-        if free is not None:
-            count = self._in_flight.get(free[0], 0) - 1
+        """Free slots (key, token), take one (key, limit), add to counters: the token
+        (None if the slot was full or not asked for) and each counter's new value."""
+        for key, _ in free:
+            count = self._in_flight.get(key, 0) - 1
             if count > 0:
-                self._in_flight[free[0]] = count
+                self._in_flight[key] = count
             else:
-                self._in_flight.pop(free[0], None)
+                self._in_flight.pop(key, None)
         token = None
         if take is not None:
             key, limit = take
@@ -151,6 +153,8 @@ class MemoryStore:
 
 class RedisStore:
     """Shared by every process on the same Redis, through one connection pool."""
+
+    shared = True  # any round trip takes the give-backs that wait along
 
     def __init__(self, uri: str, *, key_prefix: str, timeout: float, lease: float) -> None:
         import redis.asyncio as redis
@@ -188,12 +192,12 @@ class RedisStore:
         counts: Sequence[Count],
         *,
         take: tuple[str, int] | None = None,
-        free: tuple[str, str] | None = None,
+        free: Sequence[tuple[str, str]] = (),
     ) -> tuple[str | None, list[int]]:
         """As `MemoryStore.apply`, in one pipelined round trip."""
-        commands: list[tuple[Any, ...]] = []
-        if free is not None:
-            commands.append(("ZREM", self._prefix + free[0], free[1]))
+        commands: list[tuple[Any, ...]] = [
+            ("ZREM", self._prefix + key, token) for key, token in free
+        ]
         token = None
         if take is not None:
             # A token of its own: clients may send the same x-request-id twice.
@@ -210,7 +214,7 @@ class RedisStore:
             results = await self._run(commands)
         except self._errors as exc:
             raise StorageError(exc) from exc
-        if take is not None and not results[1 if free is not None else 0]:
+        if take is not None and not results[len(free)]:
             token = None
         return token, [int(r) for r in results[len(results) - len(counts) :]]
 

@@ -7,6 +7,13 @@ limit, and two more per limit to read the count back for the headers). A fixed
 window's end never moves while it lasts, so it is read once per window and kept; its
 counter can be decremented, so it can give back.
 
+Tokens a request gives back when it ends wait for the next storage call, at most
+`_DEFER` seconds, and ride along with it: into the same counter's next charge, or the
+same pipeline. Unless the request has a slot to free (which goes at once, so another
+worker never finds it taken), it then costs one storage call, not two. Meanwhile the
+windows show a little less room than there is, never more; reads from this process
+(`stats`, `flush`) send what waits first.
+
 `StrategyWindows` is everything else, through the `limits` strategies themselves
 (moving window, sliding window counter), one limit at a time, stopping at the first
 that refuses: those keep entries they cannot take back.
@@ -14,6 +21,9 @@ that refuses: those keep entries they cannot take back.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +35,7 @@ from limits.aio.strategies import (
     RateLimiter,
     SlidingWindowCounterRateLimiter,
 )
+from limits.errors import StorageError
 
 from ._limitstore import Count, LimitStore
 
@@ -39,7 +50,10 @@ __all__ = [
     "windows_for",
 ]
 
+logger = logging.getLogger("gate_middleware.ratelimit")
+
 _TTL_SLACK = 1.0  # Redis tells a key's expiry in whole seconds, rounded
+_DEFER = 0.05  # seconds what a request gives back may wait for the next storage call
 _MAX_ENDS = 100_000  # window ends kept; cleared when full
 
 
@@ -86,6 +100,12 @@ class Windows(Protocol):
     async def stats(self, limit: Limit, remaining: int | None = None) -> tuple[float, int]:
         """(reset time, remaining): when the window is whole again, and what is left."""
 
+    async def flush(self) -> None:
+        """Send whatever waits (see the module's docstring)."""
+
+    async def aclose(self) -> None:
+        """Send whatever waits, before the storage closes."""
+
 
 class FixedWindows:
     counts_refused = True
@@ -94,14 +114,26 @@ class FixedWindows:
         self._store = store
         self._storage = store.storage
         self._ends: dict[str, float] = {}
+        # Give-backs waiting to be sent, per counter: (limit, amount, its window's end).
+        self._owed: dict[str, tuple[Limit, int, float]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def take(
         self, charges: Sequence[tuple[Limit, int]], slot: tuple[str, int] | None = None
     ) -> tuple[str | None, list[Taken]]:
         counts = [(limit.key, limit.expiry, cost) for limit, cost in charges]
+        # What waits goes along: into the charge of the same counter, or after them.
+        if self._owed:
+            owed = self._due()
+            for n, (key, expiry, cost) in enumerate(counts):
+                if key in owed:
+                    counts[n] = (key, expiry, cost + owed.pop(key)[2])
+            counts += owed.values()
         token, totals = await self._store.apply(counts, take=slot)
         if slot is not None and token is None:
-            await self._store.apply([(key, expiry, -cost) for key, expiry, cost in counts])
+            back = [(limit.key, limit.expiry, -cost) for limit, cost in charges]
+            await self._store.apply(back)
             return None, []
         now = time.time()
         taken: list[Taken] = []
@@ -115,14 +147,64 @@ class FixedWindows:
     async def adjust(self, changes: Sequence[Change], free: tuple[str, str] | None = None) -> None:
         counts: list[Count] = []
         for limit, amount, charged_at in changes:
-            if amount < 0 and not await self._counted(limit, charged_at):
-                continue
-            counts.append((limit.key, limit.expiry, amount))
+            if amount > 0:
+                counts.append((limit.key, limit.expiry, amount))
+            elif await self._counted(limit, charged_at):
+                held = self._owed.get(limit.key)
+                self._owed[limit.key] = (
+                    limit,
+                    amount + (held[1] if held else 0),
+                    self._ends[limit.key],
+                )
+        # More used is charged at once: the next request must not find room it lacks.
         if counts or free is not None:
-            await self._store.apply(counts, free=free)
+            if self._store.shared:  # a round trip all the same: what waits goes along
+                counts += self._due().values()
+            await self._store.apply(counts, free=() if free is None else (free,))
+        if self._owed and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(_DEFER, self._flush_soon)
+
+    async def flush(self) -> None:
+        owed = self._due()
+        if owed:
+            await self._store.apply(list(owed.values()))
+
+    def _due(self) -> dict[str, Count]:
+        """What is owed, as counts, leaving out give-backs whose window has ended."""
+        now = time.time()
+        owed, self._owed = self._owed, {}
+        return {
+            key: (key, limit.expiry, amount)
+            for key, (limit, amount, end) in owed.items()
+            if end - _TTL_SLACK > now and self._ends.get(key) == end
+        }
+
+    def _flush_soon(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self._flush_quietly())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.flush()
+        except StorageError as exc:
+            # Lost: those counters show less room than there is until their window ends.
+            logger.debug("Sending what requests gave back failed: %s", exc)
+
+    async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._flushing):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._flush_quietly()
 
     async def stats(self, limit: Limit, remaining: int | None = None) -> tuple[float, int]:
         if remaining is None:
+            if limit.key in self._owed:
+                await self.flush()
             remaining = limit.amount - await self._storage.get(limit.key)
         return await self._end(limit), max(remaining, 0)
 
@@ -169,7 +251,7 @@ class StrategyWindows:
 
     async def adjust(self, changes: Sequence[Change], free: tuple[str, str] | None = None) -> None:
         if free is not None:
-            await self._store.apply((), free=free)
+            await self._store.apply((), free=[free])
         # Entries cannot be taken back: a charge given back stands, erring safe.
         for limit, amount, _ in changes:
             if amount <= 0:
@@ -185,6 +267,12 @@ class StrategyWindows:
     async def stats(self, limit: Limit, remaining: int | None = None) -> tuple[float, int]:
         reset, left = await self._limiters[limit.kind].get_window_stats(limit.item)
         return reset, max(left, 0)
+
+    async def flush(self) -> None:
+        pass  # nothing waits: these windows give nothing back
+
+    async def aclose(self) -> None:
+        pass
 
 
 def windows_for(strategy: str, store: LimitStore) -> Windows:

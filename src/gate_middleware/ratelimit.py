@@ -92,6 +92,8 @@ class RateLimitGuard:
         self._windows = windows_for(s.strategy, self._store)
 
     async def aclose(self) -> None:
+        if self._windows is not None:
+            await self._windows.aclose()
         if self._store is not None:
             await self._store.aclose()
             self._store = None
@@ -206,6 +208,7 @@ class RateLimitGuard:
         limits = self._plans.visible(principal)
         concurrency = self._plans.concurrency(principal)
         try:
+            await self._windows_().flush()  # what this process's requests gave back
             now = time.time()
             data = []
             for limit in limits:
