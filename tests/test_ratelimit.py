@@ -213,6 +213,25 @@ async def test_tokens_given_back_reach_other_workers(
                 admin.delete(*stale)
 
 
+async def test_a_request_charged_in_an_ended_window_gives_the_next_one_nothing(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    """Charged in a window's last second, done after the next window began: what it
+    gives back belongs to a window that is gone, not to the one that never counted it."""
+    limits = {**store, "completion_estimate": 300, "key": {"tokens": "10000 per 4 seconds"}}
+    async with limited(upstream, **limits) as (_, client):
+        await client.post("/v1/chat/completions", json=CHAT)  # opens a window
+        ends = time.time() + 4  # within milliseconds
+        await asyncio.sleep(ends - 0.3 - time.time())
+        slow = {**CHAT, "fake_fault": {"latency": 0.8}}
+        late = asyncio.create_task(client.post("/v1/chat/completions", json=slow))
+        await asyncio.sleep(ends + 0.05 - time.time())
+        fresh = await client.post("/v1/chat/completions", json=CHAT)  # opens the next
+        assert (await late).status_code == 200
+        used = fresh.json()["usage"]["total_tokens"]
+        assert await remaining(client, "key", "tokens") == 10000 - used
+
+
 @pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
 async def test_tokens_used_beyond_the_estimate_are_charged(
     store: dict[str, str], upstream: FakeUpstream, strategy: str
@@ -328,6 +347,41 @@ async def test_requests_in_flight_per_key(store: dict[str, str], upstream: FakeU
         assert (await client.get("/v1/ratelimits")).json()["concurrency"]["in_flight"] == 0
         # The request refused for want of a slot counted against no window.
         assert await remaining(client, "key", "requests") == 1000 - 3
+
+
+@pytest.mark.parametrize(
+    ("strategy", "fails"),
+    [
+        ("fixed-window", "get_expiry"),
+        ("moving-window", "acquire_entry"),
+        ("sliding-window-counter", "acquire_sliding_window_entry"),
+    ],
+)
+async def test_a_storage_failure_after_the_slot_is_taken_frees_it(
+    store: dict[str, str],
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    strategy: str,
+    fails: str,
+) -> None:
+    """The storage times out once, between taking a request's slot and charging its
+    windows: the request is admitted unchecked (fail open), and its slot is not held
+    for the lease's 15 minutes."""
+    from limits.errors import StorageError
+
+    key = {"requests": "100/minute", "concurrency": 1}
+    async with limited(upstream, **store, strategy=strategy, key=key) as (gateway, client):
+        storage = gateway.rate_limiter._store_().storage
+
+        async def times_out(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.undo()
+            raise StorageError(TimeoutError("Timeout reading from socket"))
+
+        monkeypatch.setattr(storage, fails, times_out)
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        status = (await client.get("/v1/ratelimits")).json()["concurrency"]
+        assert status == {"limit": 1, "in_flight": 0}
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 
 async def test_redis_forgetting_its_scripts_loses_no_count(
@@ -557,6 +611,42 @@ async def test_a_refusal_by_a_later_guard_gives_everything_back(
         assert await remaining(client, "key", "requests") == 5
         assert await remaining(client, "key", "tokens") == 9000
         assert (await client.get("/v1/ratelimits")).json()["concurrency"]["in_flight"] == 0
+
+
+class Tells:
+    """A later guard that adds a header of its own, named as people write them."""
+
+    async def admit(self, record: RequestRecord) -> None:
+        record.headers["X-Team-Budget-Left"] = "12.50"
+
+    async def settle(self, record: RequestRecord) -> None:
+        pass
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "embeddings"])
+async def test_a_guards_headers_go_out_in_lower_case_beside_the_limits(
+    upstream: FakeUpstream, endpoint: str
+) -> None:
+    """ASGI sends header names in lower case: Starlette's and the host's middleware
+    look them up, and set them, by those names."""
+    gateway = Gateway(
+        GateSettings(
+            api_keys=[KEY],
+            providers={"openai": ProviderSettings(base_url="http://upstream/v1")},
+            rate_limits={"key": {"requests": "5/minute"}},
+        ),
+        guards=[Tells()],
+        http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=upstream)),
+    )
+    embedding = {"model": "openai/text-embedding-3-small", "input": "hi"}
+    body = CHAT if endpoint.startswith("chat") else embedding
+    async with gateway, client_for(gateway) as client:
+        answer = await client.post(f"/v1/{endpoint}", json=body)
+        assert answer.status_code == 200
+        names = [name for name, _ in answer.headers.raw]
+        assert names == [name.lower() for name in names]
+        assert answer.headers["x-team-budget-left"] == "12.50"
+        assert answer.headers["x-ratelimit-remaining-requests"] == "4"
 
 
 async def test_no_limits_no_headers(upstream: FakeUpstream) -> None:

@@ -78,8 +78,8 @@ def new_limit(scope: str, name: str, kind: str, item: RateLimitItem, ids: tuple[
 # window is whole again (its reset time).
 Taken = tuple[bool, int | None, float | None]
 # A correction: the limit, the amount (more used: positive; to give back: negative),
-# and when the charge it corrects was made.
-Change = tuple[Limit, int, float]
+# and the end of the window that counted the charge it corrects (a `Taken`'s).
+Change = tuple[Limit, int, float | None]
 
 
 class Windows(Protocol):
@@ -90,7 +90,8 @@ class Windows(Protocol):
     ) -> tuple[str | None, list[Taken]]:
         """Take the slot (key, most in flight) if asked, then charge each (limit, cost):
         the slot's token (None: full, or not asked), and per charge made, in order,
-        what it did. A full slot charges nothing that stays charged."""
+        what it did. A full slot charges nothing that stays charged; a storage error
+        leaves no slot taken."""
 
     async def adjust(self, changes: Sequence[Change], free: tuple[str, str] | None = None) -> None:
         """Free the slot (key, token) if given, and apply the corrections the strategy
@@ -131,31 +132,45 @@ class FixedWindows:
                     counts[n] = (key, expiry, cost + owed.pop(key)[2])
             counts += owed.values()
         token, totals = await self._store.apply(counts, take=slot)
+        try:
+            now = time.time()
+            taken: list[Taken] = []
+            for (limit, _), total in zip(charges, totals):
+                end = self._ends.get(limit.key, 0.0)
+                if end - _TTL_SLACK <= now:
+                    end = await self._end(limit)
+                taken.append((total <= limit.amount, limit.amount - total, end))
+        except StorageError:
+            if slot is not None and token is not None:  # taken, but no caller knows it
+                with contextlib.suppress(StorageError):
+                    await self._store.apply((), free=[(slot[0], token)])
+            raise
         if slot is not None and token is None:
-            back = [(limit.key, limit.expiry, -cost) for limit, cost in charges]
-            await self._store.apply(back)
+            # Where the window that counted it is still open (see `adjust`).
+            back = [
+                (limit.key, limit.expiry, -cost)
+                for (limit, cost), (_, _, end) in zip(charges, taken)
+                if end is not None and end - _TTL_SLACK > now
+            ]
+            if back:
+                await self._store.apply(back)
             return None, []
-        now = time.time()
-        taken: list[Taken] = []
-        for (limit, _), total in zip(charges, totals):
-            end = self._ends.get(limit.key, 0.0)
-            if end - _TTL_SLACK <= now:
-                end = await self._end(limit)
-            taken.append((total <= limit.amount, limit.amount - total, end))
         return token, taken
 
     async def adjust(self, changes: Sequence[Change], free: tuple[str, str] | None = None) -> None:
         counts: list[Count] = []
-        for limit, amount, charged_at in changes:
+        now = time.time()
+        for limit, amount, end in changes:
             if amount > 0:
                 counts.append((limit.key, limit.expiry, amount))
-            elif await self._counted(limit, charged_at):
+            elif end is not None and end - _TTL_SLACK > now:
+                # The window that counted the charge is open (a fixed window's counter
+                # is that window until it ends): it takes the amount back. Once it is
+                # gone, or about to go, nothing is returned, least of all to the next.
                 held = self._owed.get(limit.key)
-                self._owed[limit.key] = (
-                    limit,
-                    amount + (held[1] if held else 0),
-                    self._ends[limit.key],
-                )
+                if held is not None:
+                    amount, end = amount + held[1], min(end, held[2])
+                self._owed[limit.key] = (limit, amount, end)
         # More used is charged at once: the next request must not find room it lacks.
         if counts or free is not None:
             if self._store.shared:  # a round trip all the same: what waits goes along
@@ -176,7 +191,7 @@ class FixedWindows:
         return {
             key: (key, limit.expiry, amount)
             for key, (limit, amount, end) in owed.items()
-            if end - _TTL_SLACK > now and self._ends.get(key) == end
+            if end - _TTL_SLACK > now
         }
 
     def _flush_soon(self) -> None:
@@ -208,14 +223,6 @@ class FixedWindows:
             remaining = limit.amount - await self._storage.get(limit.key)
         return await self._end(limit), max(remaining, 0)
 
-    async def _counted(self, limit: Limit, charged_at: float) -> bool:
-        """Whether the window open now counted a charge made at `charged_at`."""
-        end = await self._end(limit)
-        if end - _TTL_SLACK <= time.time():
-            return False  # gone, or about to go: nothing to return it to
-        # Not a newer window, which never counted this charge.
-        return end - limit.expiry - _TTL_SLACK <= charged_at
-
     async def _end(self, limit: Limit) -> float:
         end = self._ends.get(limit.key, 0.0)
         if end - _TTL_SLACK <= time.time():
@@ -242,11 +249,17 @@ class StrategyWindows:
             if token is None:
                 return None, []
         taken: list[Taken] = []
-        for limit, cost in charges:
-            admitted = await self._limiters[limit.kind].hit(limit.item, cost=cost)
-            taken.append((admitted, None, None))
-            if not admitted:
-                break
+        try:
+            for limit, cost in charges:
+                admitted = await self._limiters[limit.kind].hit(limit.item, cost=cost)
+                taken.append((admitted, None, None))
+                if not admitted:
+                    break
+        except StorageError:
+            if slot is not None and token is not None:  # taken, but no caller knows it
+                with contextlib.suppress(StorageError):
+                    await self._store.apply((), free=[(slot[0], token)])
+            raise
         return token, taken
 
     async def adjust(self, changes: Sequence[Change], free: tuple[str, str] | None = None) -> None:

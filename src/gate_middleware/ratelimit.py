@@ -53,16 +53,20 @@ _CHARGE = "gate.ratelimit"
 _RETRY_STORAGE = 1.0  # seconds between attempts while the storage is down
 
 
+# A limit charged: the limit, the amount, and the end of the window that counted it
+# (where the strategy knows it), so that only that window gets anything back.
+_Charged = tuple[Limit, int, float | None]
+
+
 @dataclass(slots=True)
 class _Charge:
     """What one admitted request took, so `settle` corrects or returns exactly that."""
 
     tokens: int
-    taken: list[tuple[Limit, int]]
+    taken: list[_Charged]
     slot: tuple[str, str] | None  # storage key, token
-    at: float
-    # Per attempt at an upstream: when, and what its limits took.
-    attempts: list[tuple[float, list[tuple[Limit, int]]]]
+    # Per attempt at an upstream: what its limits took.
+    attempts: list[list[_Charged]]
 
 
 class RateLimitGuard:
@@ -104,7 +108,7 @@ class RateLimitGuard:
         plan, slot = self._plans.request(record.principal, record.model)
         if (not plan and slot is None) or self._skip_storage():
             return
-        charge = _Charge(self._estimate(record), [], None, 0.0, [])
+        charge = _Charge(self._estimate(record), [], None, [])
         windows = self._windows_()
         try:
             charges = _charges(plan, charge.tokens, whole=True)
@@ -113,11 +117,10 @@ class RateLimitGuard:
                 if token is None:
                     raise text.too_many_in_flight(record.principal.key_hint, slot[1])
                 charge.slot = (slot[0], token)
-            charge.at = time.time()
             refused = None
-            for (limit, cost), (admitted, _, _) in zip(charges, taken):
+            for (limit, cost), (admitted, _, end) in zip(charges, taken):
                 if admitted or windows.counts_refused:
-                    charge.taken.append((limit, cost))
+                    charge.taken.append((limit, cost, end))
                 if not admitted and refused is None:
                     refused = (limit, cost)
             if refused is not None:
@@ -148,12 +151,12 @@ class RateLimitGuard:
                 await self._give_back(charge)
                 return
             used = _used(record)
-            changes = _corrections(charge.taken, used, charge.at)
+            changes = _corrections(charge.taken, used)
             if charge.attempts:
                 last = len(charge.attempts)
-                for number, (at, taken) in enumerate(charge.attempts, 1):
+                for number, taken in enumerate(charge.attempts, 1):
                     # Only the last attempt can have answered; the others made nothing.
-                    changes += _corrections(taken, used if number == last else 0, at)
+                    changes += _corrections(taken, used if number == last else 0)
             slot, charge.slot = charge.slot, None
             if changes or slot is not None:
                 await self._windows_().adjust(changes, slot)
@@ -173,17 +176,20 @@ class RateLimitGuard:
             return
         charge = record.extra.get(_CHARGE)
         if charge is None:
-            charge = record.extra[_CHARGE] = _Charge(self._estimate(record), [], None, 0.0, [])
+            charge = record.extra[_CHARGE] = _Charge(self._estimate(record), [], None, [])
         charges = _charges(limits, charge.tokens, whole=False)
         windows = self._windows_()
         try:
             _, results = await windows.take(charges)
-            at = time.time()
-            taken = [c for c, t in zip(charges, results) if t[0] or windows.counts_refused]
+            taken = [
+                (limit, cost, end)
+                for (limit, cost), (admitted, _, end) in zip(charges, results)
+                if admitted or windows.counts_refused
+            ]
             for (limit, cost), (admitted, _, _) in zip(charges, results):
                 if admitted:
                     continue
-                await windows.adjust([(lim, -n, at) for lim, n in taken])
+                await windows.adjust([(lim, -n, end) for lim, n, end in taken])
                 reset, remaining = await windows.stats(limit)
                 refused = text.refused(limit, cost, reset, remaining)
                 raise UpstreamLimitError(
@@ -195,7 +201,7 @@ class RateLimitGuard:
             self._failed(exc, refuse=True)
             return
         self._answered()
-        charge.attempts.append((time.time(), taken))
+        charge.attempts.append(taken)
 
     # The query endpoint ------------------------------------------------------------
 
@@ -261,7 +267,7 @@ class RateLimitGuard:
         slot, charge.slot = charge.slot, None
         taken, charge.taken = charge.taken, []
         if taken or slot is not None:
-            changes = [(limit, -cost, charge.at) for limit, cost in taken]
+            changes = [(limit, -cost, end) for limit, cost, end in taken]
             await self._windows_().adjust(changes, slot)
 
     async def _headers(
@@ -338,11 +344,11 @@ def _charges(limits: Sequence[Limit], tokens: int, *, whole: bool) -> list[tuple
     return charges
 
 
-def _corrections(taken: Sequence[tuple[Limit, int]], used: int, charged_at: float) -> list[Change]:
+def _corrections(taken: Sequence[_Charged], used: int) -> list[Change]:
     """Bring token charges to what was used (see the module's docstring)."""
     return [
-        (limit, used - cost, charged_at)
-        for limit, cost in taken
+        (limit, used - cost, end)
+        for limit, cost, end in taken
         if limit.kind == "tokens" and used != cost
     ]
 

@@ -42,8 +42,8 @@ class Endpoint:
 
 
 class _JSONAnswer(Response):
-    """JSON bytes with header names already in lower case: Starlette's `init_headers`
-    lower-cases and scans them all again, a dozen on a rate-limited answer."""
+    """JSON bytes and headers of our own: Starlette's `init_headers` scans them all
+    again for the two it adds, a dozen on a rate-limited answer."""
 
     media_type = "application/json"
 
@@ -53,7 +53,11 @@ class _JSONAnswer(Response):
             (b"content-type", b"application/json"),
         ]
         if headers:
-            raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            # ASGI names are lower case; a guard may have written "X-Some-Header".
+            raw += [
+                ((k if k.islower() else k.lower()).encode("latin-1"), v.encode("latin-1"))
+                for k, v in headers.items()
+            ]
         self.raw_headers = raw
 
 
