@@ -63,8 +63,12 @@ class LimitPlans:
         key's principal stays the same (hashing a whole principal costs more)."""
         cache_key = (principal.id, model)
         cached = self._plans.get(cache_key)
-        if cached is not None and (cached[0] is principal or cached[0] == principal):
-            return cached[1]
+        if cached is not None:
+            if cached[0] is principal:
+                return cached[1]
+            if cached[0] == principal:  # the same key, looked up again (a cache refresh)
+                self._plans[cache_key] = (principal, cached[1])
+                return cached[1]
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
         model_id = None
