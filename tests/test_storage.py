@@ -170,6 +170,44 @@ async def test_key_leases_and_unlimited_keys(storage: Storage) -> None:
     assert await storage.reclaim(NOW + 50) == 0
 
 
+async def test_one_batch_of_many_spends_lands_exactly(storage: Storage) -> None:
+    """Accounts and keys, with and without a lease, one lease gone meanwhile."""
+    for name in ("a", "b"):
+        await storage.add_account(account(name))
+        await storage.credit(
+            LedgerRow(id=f"t{name}", account_id=name, kind="topup", amount=1000, created=NOW)
+        )
+    await storage.add_key(
+        ApiKey(id="k", account_id="b", name="k", prefix="p", digest="d", spend_limit=500)
+    )
+    a1 = await storage.lease("account", "a", need=1, want=100, owner="p", expires_at=NOW)
+    a2 = await storage.lease("account", "a", need=1, want=100, owner="p", expires_at=NOW)
+    b1 = await storage.lease("account", "b", need=1, want=100, owner="p", expires_at=NOW)
+    k1 = await storage.lease("key", "k", need=1, want=50, owner="p", expires_at=NOW)
+    assert a1 and a2 and b1 and k1
+    await storage.release(b1.id)  # gone before its spend lands: nothing comes off it
+    spends = [
+        Spend("key", "k", 80, k1.id),  # over its lease
+        Spend("account", "a", 30, a1.id),
+        Spend("account", "b", 40, b1.id),
+        Spend("account", "a", 100, a2.id),
+        Spend("account", "a", 5),
+        Spend("key", "k", 7),
+    ]
+    rows = [request_row(f"r{i}", "a", 1) for i in range(3)]
+    await storage.write(rows, spends)
+    a, b, k = await storage.account("a"), await storage.account("b"), await storage.key("k")
+    assert a is not None and (a.spent, a.leased) == (135, 70)
+    assert b is not None and (b.spent, b.leased) == (40, 0)
+    assert k is not None and (k.spent, k.leased) == (87, 0)
+    assert len(await storage.rows(LedgerQuery(account_id="a", kind="request"))) == 3
+    # What is left of each lease is what goes back.
+    await storage.release(a1.id)
+    await storage.release(a2.id)
+    a = await storage.account("a")
+    assert a is not None and (a.spent, a.leased, a.available) == (135, 0, 865)
+
+
 async def test_concurrent_leases_are_atomic(storage: Storage) -> None:
     await storage.add_account(account("a"))
     await storage.credit(LedgerRow(id="t", account_id="a", kind="topup", amount=1000, created=NOW))

@@ -130,16 +130,23 @@ class LedgerWriter:
             self._spends[key] = self._spends.get(key, 0) + spend.amount
 
     async def flush(self) -> None:
-        """Write everything queued so far; waits for a write already under way."""
+        """Write what is queued when the write starts; waits for a write already under way.
+
+        Rows added during the write wait for the next round: draining until empty kept a
+        busy gateway writing small batches back to back (measured on PostgreSQL: a
+        transaction every ~35 ms of ~130 rows, where the interval allows 5 a second).
+        """
         async with self._lock:
-            while self._rows or self._spends:
-                rows, self._rows = self._rows[: self._batch * 4], self._rows[self._batch * 4 :]
-                spends = (
-                    [Spend(t, i, amount, lease) for (t, i, lease), amount in self._spends.items()]
-                    if not self._rows
-                    else []
-                )
-                if spends:
+            left = len(self._rows)
+            if not (left or self._spends):
+                return
+            while True:
+                size = min(left, self._batch * 4)
+                rows, self._rows = self._rows[:size], self._rows[size:]
+                left -= size
+                spends = []
+                if not left:  # the balance changes go with the last rows
+                    spends = [Spend(t, i, n, lease) for (t, i, lease), n in self._spends.items()]
                     self._spends = {}
                 # Shielded: a cancelled flush (a shutdown) must not leave a batch half
                 # known. The write goes on; only if it fails does the batch queue again,
@@ -147,3 +154,5 @@ class LedgerWriter:
                 write = asyncio.ensure_future(self._storage.write(rows, spends))
                 write.add_done_callback(functools.partial(self._requeue, rows=rows, spends=spends))
                 await asyncio.shield(write)
+                if not left:
+                    return

@@ -53,6 +53,19 @@ _BUDGET = {
 }
 _TABLE = {"account": "accounts", "key": "api_keys"}
 _LOCK = 0x6761_7465  # advisory lock id for migrations ("gate")
+# One spend: spent on its target, and the part its lease still covers off the lease too.
+# The lease's row is locked first (FOR UPDATE), so `old.amount` is what is left of it.
+_SPEND = """WITH old AS (SELECT id, amount FROM leases WHERE id = $4 FOR UPDATE),
+    taken AS (
+        UPDATE leases l SET amount = l.amount - LEAST($3, old.amount) FROM old
+        WHERE l.id = old.id RETURNING LEAST($3, old.amount) AS amount),
+    by_account AS (
+        UPDATE accounts SET spent = spent + $3,
+            leased = leased - COALESCE((SELECT amount FROM taken), 0)
+        WHERE $1 = 'account' AND id = $2)
+    UPDATE api_keys SET spent = spent + $3,
+        leased = leased - COALESCE((SELECT amount FROM taken), 0)
+    WHERE $1 = 'key' AND id = $2"""
 
 
 def _placeholders(count: int, start: int = 1) -> str:
@@ -214,14 +227,18 @@ class PostgresStorage:
 
     async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
         records = [ledger_values(row) for row in rows]
+        # A fixed order, so two writers never wait on each other's rows in a cycle;
+        # executemany sends every spend in one round trip, run in this order.
+        ordered = sorted(spends, key=lambda s: (s.target, s.target_id, s.lease_id or ""))
         async with self._pool.acquire() as conn, conn.transaction():
             if records:
                 await conn.copy_records_to_table(
                     "ledger", records=records, columns=LEDGER_COLUMNS, schema_name=self.schema
                 )
-            # A fixed order, so two writers never wait on each other's rows in a cycle.
-            for spend in sorted(spends, key=lambda s: (s.target, s.target_id, s.lease_id or "")):
-                await _apply_spend(conn, spend)
+            if ordered:
+                await conn.executemany(
+                    _SPEND, [(s.target, s.target_id, s.amount, s.lease_id) for s in ordered]
+                )
 
     async def rows(self, query: LedgerQuery) -> list[LedgerRow]:
         clause, args = where(query, lambda n: f"${n}")
@@ -352,27 +369,6 @@ class PostgresStorage:
             for lease_id in ids:
                 await _release(conn, lease_id)
         return len(ids)
-
-
-async def _apply_spend(conn: Any, spend: Spend) -> None:
-    taken = 0
-    if spend.lease_id is not None:
-        taken = (
-            await conn.fetchval(
-                """WITH old AS (SELECT id, amount FROM leases WHERE id = $1 FOR UPDATE)
-                   UPDATE leases l SET amount = l.amount - LEAST($2, old.amount)
-                   FROM old WHERE l.id = old.id RETURNING LEAST($2, old.amount)""",
-                spend.lease_id,
-                spend.amount,
-            )
-            or 0
-        )
-    await conn.execute(
-        f"UPDATE {_TABLE[spend.target]} SET spent = spent + $1, leased = leased - $2 WHERE id = $3",
-        spend.amount,
-        taken,
-        spend.target_id,
-    )
 
 
 async def _release(conn: Any, lease_id: str) -> None:

@@ -1,0 +1,124 @@
+"""The batched ledger writer: what one flush writes, and every row once whatever fails."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from gate_middleware.metering import LedgerWriter
+from gate_middleware.storage import (
+    Account,
+    LedgerQuery,
+    LedgerRow,
+    Spend,
+    Storage,
+    storage_from_url,
+)
+
+from .conftest import BACKENDS
+
+NOW = 1_760_000_000.0
+
+
+def row(rid: str) -> LedgerRow:
+    return LedgerRow(id=rid, account_id="a", amount=1, created=NOW, status=200)
+
+
+@pytest.fixture
+async def storage(database_url: str) -> AsyncIterator[Storage]:
+    storage = storage_from_url(database_url)
+    await storage.open()
+    await storage.add_account(Account(id="a", name="A", created_at=NOW))
+    try:
+        yield storage
+    finally:
+        await storage.close()
+
+
+async def written(storage: Storage) -> tuple[int, list[str]]:
+    account = await storage.account("a")
+    assert account is not None
+    rows = await storage.rows(LedgerQuery(account_id="a", limit=10_000))
+    return account.spent, sorted(r.id for r in rows)
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_a_flush_writes_what_was_queued_when_it_began(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = LedgerWriter(storage)
+    real = storage.write
+    batches: list[int] = []
+
+    async def slow(rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+        batches.append(len(rows))
+        if len(batches) == 1:  # a request that ends mid-write
+            ledger.add([row("late")], [Spend("account", "a", 1)])
+        await asyncio.sleep(0.01)
+        await real(rows, spends)
+
+    monkeypatch.setattr(storage, "write", slow)
+    ledger.add([row(f"r{i}") for i in range(5)], [Spend("account", "a", 5)])
+    await ledger.flush()
+    # One write: the row that came meanwhile waits for the next round, not a write of
+    # its own right after (a busy gateway wrote batch after small batch that way).
+    assert batches == [5] and ledger.pending == 1
+    assert await written(storage) == (5, [f"r{i}" for i in range(5)])
+    await ledger.flush()
+    assert batches == [5, 1]
+    assert await written(storage) == (6, ["late", *(f"r{i}" for i in range(5))])
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+async def test_a_failed_batch_is_written_once_later_and_in_order(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = LedgerWriter(storage, batch=1)  # a flush writes 4 rows a transaction
+    real = storage.write
+    calls = 0
+
+    async def second_fails(rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ConnectionError("the database went away")
+        await real(rows, spends)
+
+    monkeypatch.setattr(storage, "write", second_fails)
+    ids = [f"r{i:02}" for i in range(10)]
+    ledger.add([row(i) for i in ids], [Spend("account", "a", 10)])
+    with pytest.raises(ConnectionError):
+        await ledger.flush()
+    # The first 4 rows are in; the failed 4 and the 2 never tried wait, in order, with
+    # the balance change (it goes with the last rows).
+    assert await written(storage) == (0, ids[:4])
+    assert [r.id for r in ledger._rows] == ids[4:]
+    await ledger.flush()
+    assert await written(storage) == (10, ids)
+    assert ledger.pending == 0
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+async def test_a_flush_cancelled_mid_write_counts_the_batch_once(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = storage.write
+
+    async def slow_answer(rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+        await real(rows, spends)
+        await asyncio.sleep(0.2)  # committed; the answer is still on its way
+
+    monkeypatch.setattr(storage, "write", slow_answer)
+    ledger = LedgerWriter(storage)
+    ledger.add([row(f"r{i}") for i in range(3000)], [Spend("account", "a", 3000)])
+    flushing = asyncio.ensure_future(ledger.flush())
+    await asyncio.sleep(0.1)
+    flushing.cancel()  # a shutdown, say
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    await asyncio.sleep(0.3)  # the write finishes on its own
+    await ledger.flush()
+    spent, ids = await written(storage)
+    assert (spent, len(ids), len(set(ids))) == (3000, 3000, 3000)
