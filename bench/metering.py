@@ -1,9 +1,10 @@
 """What metering and quotas cost per request: the gateway with them off and on.
 
-Starts the fake upstream and the demo gateway (one uvicorn worker each) four ways:
+Starts the fake upstream and the demo gateway (one uvicorn worker each) five ways:
 settings keys only (no accounting), on SQLite (ledger written by its writer process, and
-from a thread), and on PostgreSQL (a ledger row per
-request, a quota hold and settlement, a lease now and then), and drives each with wrk.
+from a thread), on PostgreSQL (a ledger row per request, a quota hold and settlement, a
+lease now and then), and on PostgreSQL with the ledger's writes dropped (what the
+request path's accounting costs by itself), and drives each with wrk.
 Prints requests/s, p50/p99 and the gateway's own CPU time per request, and the
 difference from "off", in interleaved rounds. Usage: python bench/metering.py
 [--duration 5] [--rounds 3] [--connections 32]
@@ -19,14 +20,29 @@ import os
 import statistics
 import tempfile
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 from _servers import KEY, ensure_wrk, free_port, run_wrk, serve, stop
 
 from gate_middleware.accounts import Accounts
 from gate_middleware.auth import Principal
-from gate_middleware.storage import storage_from_url
+from gate_middleware.storage import LedgerRow, Spend, storage_from_url
 
 ADMIN = Principal(id="admin", key_hint="admin", admin=True)
+
+
+def unwritten_gateway() -> Any:
+    """The demo gateway whose ledger batches (rows and spends) go nowhere."""
+    from gate_middleware.demo import create_app
+
+    app = create_app(tune=True)
+
+    async def nowhere(rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+        pass
+
+    app.state.gateway.accounting.storage.write = nowhere
+    return app
 
 
 async def funded_key(url: str) -> str:
@@ -70,15 +86,18 @@ def main() -> None:
         "BENCH_UPSTREAM": upstream_url,
         "GATE_PROVIDERS": json.dumps({"openai": {"base_url": upstream_url, "api_key": "up"}}),
     }
+    postgres = f"{args.postgres}?schema={schema}"
     setups = {
-        "off": ({**base, "GATE_API_KEYS": KEY}, KEY),
+        "off": ("gateway", {**base, "GATE_API_KEYS": KEY}, KEY),
     }
-    for name, url in (
-        ("sqlite", f"sqlite:///{tmp}/bench.db"),
-        ("sqlite/thread", f"sqlite:///{tmp}/thread.db?writer=thread"),
-        ("postgresql", f"{args.postgres}?schema={schema}"),
+    for name, target, url in (
+        ("sqlite", "gateway", f"sqlite:///{tmp}/bench.db"),
+        ("sqlite/thread", "gateway", f"sqlite:///{tmp}/thread.db?writer=thread"),
+        ("postgresql", "gateway", postgres),
+        ("pg, no writes", "metering:unwritten_gateway", postgres),
     ):
-        setups[name] = ({**base, "GATE_DATABASE_URL": url}, asyncio.run(funded_key(url)))
+        env = {**base, "GATE_DATABASE_URL": url}
+        setups[name] = (target, env, asyncio.run(funded_key(url)))
     processes = [serve("upstream", up_port, base)]
     try:
         messages = [{"role": "user", "content": "Benchmark me."}]
@@ -92,9 +111,9 @@ def main() -> None:
             },
         }
         targets = {}
-        for name, (env, key) in setups.items():
+        for name, (target, env, key) in setups.items():
             port = free_port()
-            processes.append(serve("gateway", port, env))
+            processes.append(serve(target, port, env))
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             targets[name] = (url, processes[-1].pid, key)
         # Rounds interleaved, medians compared: the machine drifts during a run.
