@@ -338,3 +338,74 @@ async def test_a_fallback_is_charged_at_the_price_of_the_model_that_answered(
         [row] = await ledger(gateway, account, kind="request")
         assert row.model == "openai/gpt-4.1-mini" and row.model_id == "openai/gpt-4.1"
         assert row.amount == PROMPT * IN + 5 * OUT and row.attempts == 2
+
+
+def test_ledger_rows_fill_every_field_from_the_record() -> None:
+    """`ledger_rows` builds rows positionally, for speed: each field must land in its
+    own column, checked against the same row built by name."""
+    from gate_middleware import Principal, RequestRecord
+    from gate_middleware.auth import Level
+    from gate_middleware.metering import ledger_rows
+
+    principal = Principal(
+        id="key-7",
+        key_hint="sk-gate-abc...",
+        account_id="acct_child",
+        key_id="key_7",
+        chain=(Level("acct_root"), Level("acct_child", Decimal("1.5"))),
+    )
+    record = RequestRecord(
+        request_id="req_1",
+        principal=principal,
+        endpoint="chat.completions",
+        model="gpt-4o",
+        stream=True,
+        model_id="openai/gpt-4o",
+        provider="openai",
+        upstream_model="gpt-4o-2024",
+        status=499,
+        error_code="client_disconnected",
+        prompt_tokens=11,
+        completion_tokens=22,
+        cached_tokens=3,
+        reasoning_tokens=4,
+        latency_ms=55.5,
+        ttft_ms=6.5,
+        app="my-app",
+        route="/summarize",
+        parent_id="req_0",
+        attempts=2,
+    )
+    rows = ledger_rows(record, [100, 150], 1234.5)
+    expected = [
+        LedgerRow(
+            id="req_1",
+            account_id=account,
+            kind="request",
+            created=1234.5,
+            amount=amount,
+            source_account_id="acct_child",
+            key_id="key_7",
+            key_prefix="sk-gate-abc",
+            model="gpt-4o",
+            model_id="openai/gpt-4o",
+            provider="openai",
+            upstream_model="gpt-4o-2024",
+            prompt_tokens=11,
+            completion_tokens=22,
+            cached_tokens=3,
+            reasoning_tokens=4,
+            latency_ms=55.5,
+            ttft_ms=6.5,
+            status=499,
+            error_code="client_disconnected",
+            attempts=2,
+            app="my-app",
+            stream=True,
+            estimated=True,  # no usage reported, and the client left mid-way
+            route="/summarize",
+            parent_id="req_0",
+        )
+        for account, amount in (("acct_root", 100), ("acct_child", 150))
+    ]
+    assert rows == expected

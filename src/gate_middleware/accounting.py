@@ -53,6 +53,8 @@ class Accounting:
             storage, max_credit=nanos_from_usd(settings.max_credit_usd), on_change=self.keys.forget
         )
         self._prices: dict[str | None, Price | None] = {}
+        # Per model: the prices of every model that could answer it (fallbacks too).
+        self._hold_prices: dict[str, list[Price]] = {}
 
     async def startup(self) -> None:
         await self.storage.open()
@@ -117,17 +119,18 @@ class Accounting:
             if record.endpoint == "embeddings"
             else (record.max_completion_tokens or self._max_tokens)
         )
-        candidates = (entry.id, *entry.fallbacks, *filter(None, [entry.context_fallback]))
-        base = max(
-            (
-                p.cost(record.estimated_prompt_tokens, completion)
-                for m in candidates
-                if (p := self.price(m))
-            ),
-            default=None,
-        )
-        if base is None:
+        prices = self._hold_prices.get(entry.id)
+        if prices is None:
+            candidates = (entry.id, *entry.fallbacks, *filter(None, [entry.context_fallback]))
+            prices = self._hold_prices[entry.id] = [
+                p for m in candidates if (p := self.price(m)) is not None
+            ]
+        if not prices:
             return
+        prompt = record.estimated_prompt_tokens
+        base = prices[0].cost(prompt, completion)
+        for other in prices[1:]:
+            base = max(base, other.cost(prompt, completion))
         most = level_costs(base, principal)
         wanted = [
             (self.book.purse("account", level.account_id), cost)

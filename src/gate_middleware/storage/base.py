@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "Account",
@@ -129,9 +129,9 @@ class LedgerRow:
     seq: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Spend:
-    """Money a process spent from its lease (or directly, without one)."""
+class Spend(NamedTuple):
+    """Money a process spent from its lease (or directly, without one). A tuple: a
+    request makes one or more, and a frozen dataclass is three times as slow to make."""
 
     target: Target
     target_id: str
