@@ -111,7 +111,9 @@ class LedgerWriter:
         if self._task is not None:
             await self._task
             self._task = None
-        await self.flush()
+        # Until nothing is left: a request still finishing may add rows meanwhile.
+        while self._rows or self._spends:
+            await self.flush()
 
     async def _run(self) -> None:
         while not self._stopping:
