@@ -42,21 +42,26 @@ MESSAGES = [{"role": "user", "content": "Say hello."}]
 CHAT = {"model": "openai/gpt-4.1", "messages": MESSAGES}
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    """The storage settings; on Redis, keys of this test's own, deleted afterwards."""
-    if request.param == "memory":
-        yield {"storage_uri": "memory://"}
-        return
-    url = request.getfixturevalue("redis_url")
+@pytest.fixture
+def redis_store(redis_url: str) -> Iterator[dict[str, str]]:
+    """Redis storage settings with keys of this test's own, deleted afterwards."""
     prefix = f"gate-test-{uuid.uuid4().hex[:12]}"
-    yield {"storage_uri": url, "key_prefix": prefix}
+    yield {"storage_uri": redis_url, "key_prefix": prefix}
     import redis
 
-    with redis.Redis.from_url(url) as client:
+    with redis.Redis.from_url(redis_url) as client:
         keys = list(client.scan_iter(f"{prefix}:*"))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The storage settings, in memory or on Redis."""
+    if request.param == "memory":
+        return {"storage_uri": "memory://"}
+    settings: dict[str, str] = request.getfixturevalue("redis_store")
+    return settings
 
 
 @asynccontextmanager
@@ -184,33 +189,19 @@ async def test_tokens_given_back_ride_on_the_next_charge(
 
 
 async def test_tokens_given_back_reach_other_workers(
-    redis_url: str, upstream: FakeUpstream
+    redis_store: dict[str, str], upstream: FakeUpstream
 ) -> None:
     """Two gateways on one Redis: one's give-back reaches the other within moments,
     and a gateway that stops sends what still waits."""
-    prefix = f"gate-test-{uuid.uuid4().hex[:12]}"
-    limits = {
-        "storage_uri": redis_url,
-        "key_prefix": prefix,
-        "completion_estimate": 300,
-        "key": {"tokens": "10000/minute"},
-    }
-    import redis
-
-    try:
-        async with limited(upstream, **limits) as (_, other):
-            async with limited(upstream, **limits) as (_, client):
-                used = (await client.post("/v1/chat/completions", json=CHAT)).json()["usage"]
-                await asyncio.sleep(0.3)
-                assert await remaining(other, "key", "tokens") == 10000 - used["total_tokens"]
-                await client.post("/v1/chat/completions", json=CHAT)
-            # Stopped at once, before its give-back was due: it went on the way out.
-            assert await remaining(other, "key", "tokens") == 10000 - 2 * used["total_tokens"]
-    finally:
-        with redis.Redis.from_url(redis_url) as admin:
-            stale = list(admin.scan_iter(f"{prefix}:*"))
-            if stale:
-                admin.delete(*stale)
+    limits = {**redis_store, "completion_estimate": 300, "key": {"tokens": "10000/minute"}}
+    async with limited(upstream, **limits) as (_, other):
+        async with limited(upstream, **limits) as (_, client):
+            used = (await client.post("/v1/chat/completions", json=CHAT)).json()["usage"]
+            await asyncio.sleep(0.3)
+            assert await remaining(other, "key", "tokens") == 10000 - used["total_tokens"]
+            await client.post("/v1/chat/completions", json=CHAT)
+        # Stopped at once, before its give-back was due: it went on the way out.
+        assert await remaining(other, "key", "tokens") == 10000 - 2 * used["total_tokens"]
 
 
 async def test_a_request_charged_in_an_ended_window_gives_the_next_one_nothing(
@@ -385,28 +376,20 @@ async def test_a_storage_failure_after_the_slot_is_taken_frees_it(
 
 
 async def test_redis_forgetting_its_scripts_loses_no_count(
-    redis_url: str, upstream: FakeUpstream
+    redis_store: dict[str, str], upstream: FakeUpstream
 ) -> None:
-    prefix = f"gate-test-{uuid.uuid4().hex[:12]}"
-    limits = {"storage_uri": redis_url, "key_prefix": prefix}
     key = {"requests": "5/minute", "concurrency": 3}
     import redis
 
-    try:
-        async with limited(upstream, **limits, key=key) as (_, client):
-            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
-            with redis.Redis.from_url(redis_url) as admin:
-                admin.script_flush()  # as a restarted Redis would have
-            answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(5)]
-            assert [r.status_code for r in answers] == [200] * 4 + [429]
-            assert answers[-2].headers["x-ratelimit-remaining-requests"] == "0"
-            status = (await client.get("/v1/ratelimits")).json()["concurrency"]
-            assert status == {"limit": 3, "in_flight": 0}
-    finally:
-        with redis.Redis.from_url(redis_url) as admin:
-            stale = list(admin.scan_iter(f"{prefix}:*"))
-            if stale:
-                admin.delete(*stale)
+    async with limited(upstream, **redis_store, key=key) as (_, client):
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        with redis.Redis.from_url(redis_store["storage_uri"]) as admin:
+            admin.script_flush()  # as a restarted Redis would have
+        answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(5)]
+        assert [r.status_code for r in answers] == [200] * 4 + [429]
+        assert answers[-2].headers["x-ratelimit-remaining-requests"] == "0"
+        status = (await client.get("/v1/ratelimits")).json()["concurrency"]
+        assert status == {"limit": 3, "in_flight": 0}
 
 
 async def test_a_stream_holds_its_slot_until_it_ends(
