@@ -55,6 +55,26 @@ async def test_malformed_json_is_400(http: httpx2.AsyncClient, raw: bytes) -> No
     assert_openai_error(response.json())
 
 
+@pytest.mark.parametrize("parser", ["stdlib", "orjson"])
+async def test_json_nested_too_deep_is_400(
+    http: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch, parser: str
+) -> None:
+    """Deeper than the interpreter's stack (the standard library raises RecursionError)
+    or orjson's limit: bad input, not a gateway failure, whichever parser is installed."""
+    from gate_middleware import _json
+
+    if parser == "stdlib":
+        monkeypatch.setattr(_json, "loads", _json.stdlib_loads)
+    else:
+        pytest.importorskip("orjson")
+    deep = b'{"model": "openai/gpt-4.1", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    response = await http.post(
+        "/v1/chat/completions", content=deep, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert_openai_error(response.json())
+
+
 async def test_sdk_raises_its_own_classes(client: openai.AsyncOpenAI, gateway: object) -> None:
     with pytest.raises(openai.NotFoundError) as not_found:
         await client.chat.completions.create(model="acme/nothing", messages=MESSAGES)

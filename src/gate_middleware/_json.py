@@ -11,7 +11,10 @@ __all__ = ["dumps", "loads", "stdlib_dumps", "stdlib_loads"]
 
 
 def stdlib_loads(data: bytes | str) -> Any:
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except RecursionError:  # nested deeper than the interpreter's stack: bad input
+        raise ValueError("JSON nested too deeply") from None
 
 
 def stdlib_dumps(value: Any) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import email.utils
-import json
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
@@ -143,7 +142,7 @@ def upstream_error(status: int, raw: bytes, headers: Mapping[str, str]) -> Upstr
     """Turn a vendor's error answer (OpenAI, Anthropic, FastAPI-style or text) into ours."""
     message, type_, code, param = f"The upstream answered {status}.", None, None, None
     try:
-        payload = json.loads(raw)
+        payload = _json.loads(raw)
     except ValueError:
         payload = None
         if text := raw.decode(errors="replace").strip()[:500]:
