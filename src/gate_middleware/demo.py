@@ -79,11 +79,12 @@ def create_app(
 
     app = Starlette(
         routes=[
+            # First: routes are tried in order, and nearly every request is the API's.
+            Mount("/v1", gateway),
             Route("/", index),
             Route("/healthz", health),
             # Some tools call the billing routes without /v1.
             *gateway.root_routes(),
-            Mount("/v1", gateway),
         ],
         lifespan=lifespan,
         exception_handlers={404: not_found},
