@@ -107,13 +107,18 @@ def client(gateway: Gateway) -> openai.AsyncOpenAI:
     return sdk(mounted(gateway))
 
 
-@pytest.fixture
-async def http(gateway: Gateway) -> AsyncIterator[httpx2.AsyncClient]:
-    async with httpx2.AsyncClient(
+def client_for(gateway: Gateway, key: str = KEY) -> httpx2.AsyncClient:
+    """A raw HTTP client of the mounted gateway (base URL without /v1), with a key."""
+    return httpx2.AsyncClient(
         transport=httpx2.ASGITransport(app=mounted(gateway)),
         base_url="http://gate.test",
-        headers={"authorization": f"Bearer {KEY}"},
-    ) as client:
+        headers={"authorization": f"Bearer {key}"},
+    )
+
+
+@pytest.fixture
+async def http(gateway: Gateway) -> AsyncIterator[httpx2.AsyncClient]:
+    async with client_for(gateway) as client:
         yield client
 
 

@@ -24,7 +24,14 @@ from gate_middleware.storage.postgres import PostgresStorage
 from gate_middleware.testing import FakeUpstream
 from gate_middleware.tokens import estimate_prompt_tokens
 
-from .conftest import LiveServer, drop_schema, free_port, fund, make_billing_gateway, mounted
+from .conftest import (
+    LiveServer,
+    client_for,
+    drop_schema,
+    free_port,
+    fund,
+    make_billing_gateway,
+)
 
 MESSAGES = [{"role": "user", "content": "How much may I spend?"}]
 MAX_TOKENS = 20
@@ -47,11 +54,7 @@ async def test_200_concurrent_requests_against_50_on_sqlite(tmp_path: Path) -> N
     )
     async with gateway:
         account, secret = await fund(gateway, usd(COST * 50))
-        async with httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=mounted(gateway)),
-            base_url="http://gate.test",
-            headers={"authorization": f"Bearer {secret}"},
-        ) as http:
+        async with client_for(gateway, secret) as http:
             responses = await asyncio.gather(
                 *(http.post("/v1/chat/completions", json=BODY) for _ in range(200))
             )
@@ -87,11 +90,7 @@ async def test_used_up_leases_go_back_under_steady_load(tmp_path: Path) -> None:
     gateway = make_billing_gateway(upstream, url, quota_lease_usd=usd(COST * 3))
     async with gateway:
         account, secret = await fund(gateway, usd(COST * 100))
-        async with httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=mounted(gateway)),
-            base_url="http://gate.test",
-            headers={"authorization": f"Bearer {secret}"},
-        ) as http:
+        async with client_for(gateway, secret) as http:
             for _ in range(30):  # about ten leases' worth
                 assert (await http.post("/v1/chat/completions", json=BODY)).status_code == 200
         assert gateway.accounting is not None and gateway.accounting.book is not None

@@ -36,7 +36,16 @@ from gate_middleware import (
 from gate_middleware.testing import FakeUpstream, Fault
 from gate_middleware.tokens import estimate_prompt_tokens
 
-from .conftest import KEY, free_port, fund, make_billing_gateway, make_gateway, mounted, sdk
+from .conftest import (
+    KEY,
+    client_for,
+    free_port,
+    fund,
+    make_billing_gateway,
+    make_gateway,
+    mounted,
+    sdk,
+)
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 CHAT = {"model": "openai/gpt-4.1", "messages": MESSAGES}
@@ -71,14 +80,6 @@ async def limited(
     gateway = make_gateway(upstream, records, rate_limits=limits)
     async with gateway, client_for(gateway) as client:
         yield gateway, client
-
-
-def client_for(gateway: Gateway, key: str = KEY) -> httpx2.AsyncClient:
-    return httpx2.AsyncClient(
-        transport=httpx2.ASGITransport(app=mounted(gateway)),
-        base_url="http://gate.test",
-        headers={"authorization": f"Bearer {key}"},
-    )
 
 
 async def remaining(client: httpx2.AsyncClient, scope: str, kind: str, name: str = "") -> int:
