@@ -81,6 +81,19 @@ def _optional(
         raise _type_error(param, expected, value)
 
 
+# The optional chat fields the gateway itself reads: their type, as an error names it.
+_CHAT_OPTIONAL: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "stream": (bool, "a boolean"),
+    "stream_options": (dict, "an object"),
+    "max_tokens": (int, "an integer"),
+    "max_completion_tokens": (int, "an integer"),
+    "n": (int, "an integer"),
+    "temperature": ((int, float), "a number"),
+    "top_p": ((int, float), "a number"),
+}
+_AT_LEAST_ONE = frozenset({"max_tokens", "max_completion_tokens", "n"})
+
+
 def check_chat(body: dict[str, Any]) -> tuple[str, bool]:
     """The model asked for and whether to stream; 400 for what the gateway itself reads."""
     model = _model(body)
@@ -99,14 +112,13 @@ def check_chat(body: dict[str, Any]) -> tuple[str, bool]:
             raise _type_error(f"messages[{index}]", "an object", message)
         if not isinstance(message.get("role"), str):
             raise _type_error(f"messages[{index}].role", "a string", message.get("role"))
-    _optional(body, "stream", bool, "a boolean")
-    _optional(body, "stream_options", dict, "an object")
-    for param in ("max_tokens", "max_completion_tokens", "n"):
-        _optional(body, param, int, "an integer")
-        if (value := body.get(param)) is not None and value < 1:
+    for param in body:  # in the order sent; most requests send one or two of these
+        spec = _CHAT_OPTIONAL.get(param)
+        if spec is None:
+            continue
+        _optional(body, param, *spec)
+        if param in _AT_LEAST_ONE and (value := body[param]) is not None and value < 1:
             raise InvalidRequestError(f"Invalid '{param}': must be at least 1.", param=param)
-    for param in ("temperature", "top_p"):
-        _optional(body, param, (int, float), "a number")
     return model, body.get("stream") is True
 
 
