@@ -25,6 +25,7 @@ _MAX_PLANS = 10_000  # cached per (principal, model); cleared when full
 class RequestPlan(NamedTuple):
     limits: tuple[Limit, ...]  # in the order they are charged
     slot: tuple[str, int] | None  # the key's requests in flight: storage key, most at once
+    single: bool  # at most one limit of each kind: each speaks for its kind's headers
 
 
 class _Rules(NamedTuple):
@@ -82,7 +83,8 @@ class LimitPlans:
         )
         concurrency = self.concurrency(principal)
         slot = None if concurrency is None else (slot_key(principal), concurrency)
-        plan = RequestPlan(limits, slot)
+        kinds = [limit.kind for limit in limits]
+        plan = RequestPlan(limits, slot, len(kinds) == len(set(kinds)))
         self._plans[cache_key] = (principal, plan)
         return plan
 

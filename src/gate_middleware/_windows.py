@@ -123,14 +123,20 @@ class FixedWindows:
     async def take(
         self, charges: Sequence[tuple[Limit, int]], slot: tuple[str, int] | None = None
     ) -> tuple[str | None, list[Taken]]:
-        counts = [(limit.key, limit.expiry, cost) for limit, cost in charges]
-        # What waits goes along: into the charge of the same counter, or after them.
-        if self._owed:
-            owed = self._due()
-            for n, (key, expiry, cost) in enumerate(counts):
-                if key in owed:
-                    counts[n] = (key, expiry, cost + owed.pop(key)[2])
-            counts += owed.values()
+        owed = self._owed
+        if owed:
+            # What waits goes along: into the charge of the same counter, or after them.
+            counts = []
+            now = time.time()
+            for limit, cost in charges:
+                held = owed.pop(limit.key, None)
+                if held is not None and held[2] - _TTL_SLACK > now:
+                    cost += held[1]
+                counts.append((limit.key, limit.expiry, cost))
+            if owed:
+                counts += self._due().values()
+        else:
+            counts = [(limit.key, limit.expiry, cost) for limit, cost in charges]
         token, totals = await self._store.apply(counts, take=slot)
         try:
             now = time.time()

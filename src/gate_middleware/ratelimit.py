@@ -105,8 +105,8 @@ class RateLimitGuard:
     # Guard -------------------------------------------------------------------------
 
     async def admit(self, record: RequestRecord) -> None:
-        plan, slot = self._plans.request(record.principal, record.model)
-        if (not plan and slot is None) or self._skip_storage():
+        plan, slot, single = self._plans.request(record.principal, record.model)
+        if (not plan and slot is None) or (self._down and self._skip_storage()):
             return
         charge = _Charge(self._estimate(record), [], None, [])
         windows = self._windows_()
@@ -125,7 +125,8 @@ class RateLimitGuard:
                     refused = (limit, cost)
             if refused is not None:
                 raise await self._refusal(record, *refused, charge)
-            await self._headers(plan, taken, record.headers)
+            if not (single and _own_headers(plan, taken, record.headers)):
+                await self._headers(plan, taken, record.headers)
         except RateLimitError:
             with contextlib.suppress(StorageError):  # the refusal stands either way
                 await self._give_back(charge)
@@ -144,7 +145,7 @@ class RateLimitGuard:
 
     async def settle(self, record: RequestRecord) -> None:
         charge: _Charge | None = record.extra.pop(_CHARGE, None)
-        if charge is None or self._skip_storage(refuse=False):
+        if charge is None or (self._down and self._skip_storage(refuse=False)):
             return
         try:
             if record.status == 0:  # refused before the call: nothing was used
@@ -327,6 +328,19 @@ class RateLimitGuard:
         if self._down:
             self._down = False
             logger.warning("The rate-limit storage answers again; limits apply.")
+
+
+def _own_headers(plan: Sequence[Limit], taken: Sequence[Taken], into: dict[str, str]) -> bool:
+    """`_headers`, done in passing where each limit is alone of its kind and each charge
+    told what is left (fixed windows); False, with nothing written, where not."""
+    if len(taken) != len(plan):
+        return False
+    now = time.time()
+    for limit, (_, remaining, reset) in zip(plan, taken):
+        if remaining is None or reset is None:
+            return False  # a strategy that does not tell, tells for no limit: none written
+        text.openai_headers(into, limit.kind, limit.amount, remaining, reset - now)
+    return True
 
 
 def _charges(limits: Sequence[Limit], tokens: int, *, whole: bool) -> list[tuple[Limit, int]]:
