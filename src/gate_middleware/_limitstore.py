@@ -9,10 +9,11 @@ requests still in flight if it expired).
 
 A request touches the storage twice: `apply` takes its slot and charges its fixed
 windows together, then gives the slot back with its corrections. In Redis each `apply`
-is one pipelined round trip, the windows counted by the very script `limits` counts
-them with (`incr_expire.lua`, on `limits`' own keys), so `limits` reads them back.
-Measured (redis-py 8.1, loopback): about 100 us of client CPU per command, and 130 to
-190 us for a pipeline of five, so the round trips, not Redis, set the cost.
+is one pipelined round trip at most, the windows counted by the very script `limits`
+counts them with (`incr_expire.lua`, on `limits`' own keys), so `limits` reads them
+back. Measured (redis-py 8.1, loopback): about 100 us of client CPU per command, and
+130 to 190 us for a pipeline of five, so the round trips, not Redis, set the cost:
+`apply` calls made while a pipeline is in flight share the next one (`_redisbatch`).
 
 Every storage failure surfaces as `limits.errors.StorageError`.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from limits.aio.storage import Storage
@@ -29,6 +31,7 @@ from limits.aio.storage.redis.bridge import RedisBridge
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 
+from ._redisbatch import Abandoned, Batcher, Command
 from .errors import ConfigurationError
 
 __all__ = ["Count", "LimitStore", "MemoryStore", "RedisStore", "check_uri", "open_store"]
@@ -38,6 +41,7 @@ Count = tuple[str, int, int]
 
 _REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
 _SWEEP_EVERY = 1.0  # seconds between sweeps of expired keys in memory
+_MAX_BATCH = 256  # commands in one shared pipeline
 
 # KEYS[1]: the key's slots; ARGV: limit, lease seconds, this slot's token.
 # Redis's own clock, so hosts with skewed clocks agree on which leases ended.
@@ -186,6 +190,7 @@ class RedisStore:
         }
         self._count = client.register_script(_COUNT)
         self._client = client
+        self._batch = Batcher(self._run, max_commands=_MAX_BATCH)
 
     async def apply(
         self,
@@ -194,16 +199,17 @@ class RedisStore:
         take: tuple[str, int] | None = None,
         free: Sequence[tuple[str, str]] = (),
     ) -> tuple[str | None, list[int]]:
-        """As `MemoryStore.apply`, in one pipelined round trip."""
-        commands: list[tuple[Any, ...]] = [
-            ("ZREM", self._prefix + key, token) for key, token in free
-        ]
-        token = None
+        """As `MemoryStore.apply`, in one pipeline, perhaps shared with other calls."""
+        commands: list[Command] = [("ZREM", self._prefix + key, token) for key, token in free]
+        token: str | None = None
+        release: Abandoned | None = None
         if take is not None:
             # A token of its own: clients may send the same x-request-id twice.
             token = uuid.uuid4().hex
-            args = (self._prefix + take[0], take[1], self._lease, token)
-            commands.append(("EVALSHA", self._scripts[_ACQUIRE], 1, *args))
+            slot = self._prefix + take[0]
+            release = partial(self._release, len(commands), slot, token)
+            acquire = self._scripts[_ACQUIRE]
+            commands.append(("EVALSHA", acquire, 1, slot, take[1], self._lease, token))
         incr = self._scripts[_INCR_EXPIRE]
         prefix = self._key_prefix
         commands += [
@@ -211,28 +217,42 @@ class RedisStore:
             for key, expiry, amount in counts
         ]
         try:
-            results = await self._run(commands)
+            replies = await self._batch.run(commands, release)
         except self._errors as exc:
             raise StorageError(exc) from exc
-        if take is not None and not results[len(free)]:
+        for reply in replies:
+            if isinstance(reply, Exception):
+                if release is not None:
+                    release(replies)
+                raise StorageError(reply) from reply
+        if take is not None and replies[len(free)] != 1:
             token = None
-        return token, [int(r) for r in results[len(results) - len(counts) :]]
+        return token, [int(r) for r in replies[len(replies) - len(counts) :]]
 
-    async def _run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline; a script Redis no longer knows (a restart, SCRIPT FLUSH) is
-        loaded and its command run again: a NOSCRIPT reply means it did not run."""
+    def _release(self, at: int, slot: str, token: str, replies: list[Any]) -> None:
+        """Free a slot taken for a caller that is gone or failed (see `FixedWindows.take`)."""
+        if replies[at] == 1:
+            self._batch.post([("ZREM", slot, token)])
+
+    async def _run(self, commands: list[Command]) -> list[Any]:
+        """One pipeline: a reply per command, errors among them. A script Redis no longer
+        knows (a restart, SCRIPT FLUSH) is loaded, and the commands that met it, which
+        did not run, are run again, in one more round trip."""
         pipe = self._client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        for n, result in enumerate(results):
-            if isinstance(result, self._no_script):
-                for script in self._scripts:
-                    await self._client.script_load(script)
-                results[n] = await self._client.execute_command(*commands[n])  # type: ignore[no-untyped-call]
-            elif isinstance(result, Exception):
-                raise result
-        return results
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        missed = [n for n, reply in enumerate(replies) if isinstance(reply, self._no_script)]
+        if missed:
+            pipe = self._client.pipeline(transaction=False)
+            for script in self._scripts:
+                pipe.script_load(script)
+            for n in missed:
+                pipe.execute_command(*commands[n])
+            again = await pipe.execute(raise_on_error=False)
+            for n, reply in zip(missed, again[len(self._scripts) :]):
+                replies[n] = reply
+        return replies
 
     async def count(self, key: str) -> int:
         try:
@@ -241,6 +261,7 @@ class RedisStore:
             raise StorageError(exc) from exc
 
     async def aclose(self) -> None:
+        await self._batch.aclose()
         await self._pool.aclose()
 
 
