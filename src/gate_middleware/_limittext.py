@@ -28,22 +28,10 @@ _ABBREVIATIONS = {
 }
 
 
-_HEADER_NAMES = {
-    kind: (
-        f"x-ratelimit-limit-{kind}",
-        f"x-ratelimit-remaining-{kind}",
-        f"x-ratelimit-reset-{kind}",
-    )
-    for kind in ("requests", "tokens")
-}
-
-
-def openai_headers(
-    into: dict[str, str], kind: str, limit: int, remaining: int, reset_in: float
-) -> None:
-    """Set OpenAI's three x-ratelimit-* headers of `kind` in `into`."""
-    limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-    into[limit_name] = str(limit)
+def openai_headers(into: dict[str, str], limit: Limit, remaining: int, reset_in: float) -> None:
+    """Set OpenAI's three x-ratelimit-* headers of the limit's kind in `into`."""
+    limit_name, remaining_name, reset_name = limit.headers
+    into[limit_name] = limit.amount_text
     into[remaining_name] = str(remaining) if remaining > 0 else "0"
     into[reset_name] = duration(reset_in) if reset_in > 0 else "0s"
 

@@ -66,12 +66,29 @@ class Limit:
     key: str  # its storage key
     amount: int  # the item's, read on every request
     expiry: int  # the window's length in seconds
+    headers: tuple[str, str, str]  # OpenAI's x-ratelimit-{limit,remaining,reset}-<kind>
+    amount_text: str  # the x-ratelimit-limit-<kind> value
 
 
 def new_limit(scope: str, name: str, kind: str, item: RateLimitItem, ids: tuple[str, ...]) -> Limit:
     # Whose limit it is goes in the namespace: `limits` then builds no key per call.
     item = type(item)(item.amount, item.multiples, namespace="/".join(ids))
-    return Limit(scope, name, kind, item, item.key_for(), item.amount, item.get_expiry())
+    headers = (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    return Limit(
+        scope,
+        name,
+        kind,
+        item,
+        item.key_for(),
+        item.amount,
+        item.get_expiry(),
+        headers,
+        str(item.amount),
+    )
 
 
 # What a charge did: admitted?, and when known for free, what is left and when the

@@ -285,8 +285,8 @@ class RateLimitGuard:
             if held is None or remaining < held[0]:
                 tightest[limit.kind] = (remaining, reset, limit)
         now = time.time()
-        for kind, (remaining, reset, limit) in tightest.items():
-            text.openai_headers(into, kind, limit.amount, remaining, reset - now)
+        for remaining, reset, limit in tightest.values():
+            text.openai_headers(into, limit, remaining, reset - now)
 
     async def _refusal(
         self, record: RequestRecord, limit: Limit, cost: int, charge: _Charge
@@ -296,7 +296,7 @@ class RateLimitGuard:
         reset, remaining = await self._windows_().stats(limit)
         # The refused limit speaks for its kind, even where another has less left.
         wait = reset - time.time()
-        text.openai_headers(record.headers, limit.kind, limit.amount, remaining, wait)
+        text.openai_headers(record.headers, limit, remaining, wait)
         return text.refused(limit, cost, reset, remaining)
 
     # Storage outages ---------------------------------------------------------------
@@ -339,7 +339,7 @@ def _own_headers(plan: Sequence[Limit], taken: Sequence[Taken], into: dict[str, 
     for limit, (_, remaining, reset) in zip(plan, taken):
         if remaining is None or reset is None:
             return False  # a strategy that does not tell, tells for no limit: none written
-        text.openai_headers(into, limit.kind, limit.amount, remaining, reset - now)
+        text.openai_headers(into, limit, remaining, reset - now)
     return True
 
 
