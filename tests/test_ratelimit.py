@@ -377,6 +377,45 @@ async def test_a_storage_failure_after_the_slot_is_taken_frees_it(
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("strategy", "hangs"),
+    [
+        ("fixed-window", "get_expiry"),
+        ("moving-window", "acquire_entry"),
+        ("sliding-window-counter", "acquire_sliding_window_entry"),
+    ],
+)
+async def test_a_request_cancelled_after_its_slot_is_taken_frees_it(
+    store: dict[str, str],
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    strategy: str,
+    hangs: str,
+) -> None:
+    """The storage hangs between taking a request's slot and charging its windows, and
+    the host gives up on the request (a timeout of its own, a shutdown): the slot goes
+    back at once, not when its lease ends (in memory: never)."""
+    key = {"requests": "100/minute", "concurrency": 1}
+    async with limited(upstream, **store, strategy=strategy, key=key) as (gateway, client):
+        storage = gateway.rate_limiter._store_().storage
+        reached = asyncio.Event()
+
+        async def hangs_once(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.undo()
+            reached.set()
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(storage, hangs, hangs_once)
+        call = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        await asyncio.wait_for(reached.wait(), 5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        status = (await client.get("/v1/ratelimits")).json()["concurrency"]
+        assert status == {"limit": 1, "in_flight": 0}
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
 async def test_redis_forgetting_its_scripts_loses_no_count(
     redis_store: dict[str, str], upstream: FakeUpstream
 ) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import anyio
 from limits import RateLimitItem
 from limits.aio.strategies import (
     MovingWindowRateLimiter,
@@ -163,10 +164,9 @@ class FixedWindows:
                 if end - _TTL_SLACK <= now:
                     end = await self._end(limit)
                 taken.append((total <= limit.amount, limit.amount - total, end))
-        except StorageError:
-            if slot is not None and token is not None:  # taken, but no caller knows it
-                with contextlib.suppress(StorageError):
-                    await self._store.apply((), free=[(slot[0], token)])
+        except BaseException:
+            if slot is not None and token is not None:
+                await _free_untold(self._store, slot[0], token)
             raise
         if slot is not None and token is None:
             # Where the window that counted it is still open (see `adjust`).
@@ -278,10 +278,9 @@ class StrategyWindows:
                 taken.append((admitted, None, None))
                 if not admitted:
                     break
-        except StorageError:
-            if slot is not None and token is not None:  # taken, but no caller knows it
-                with contextlib.suppress(StorageError):
-                    await self._store.apply((), free=[(slot[0], token)])
+        except BaseException:
+            if slot is not None and token is not None:
+                await _free_untold(self._store, slot[0], token)
             raise
         return token, taken
 
@@ -309,6 +308,15 @@ class StrategyWindows:
 
     async def aclose(self) -> None:
         pass
+
+
+async def _free_untold(store: LimitStore, key: str, token: str) -> None:
+    """Free a slot taken for a caller that will never know it: a storage failure, or the
+    caller cancelled (a host's timeout, a shutdown) after the take. Shielded, or a
+    cancelled caller could not free it; else held until its lease ends (in memory: for
+    ever)."""
+    with anyio.CancelScope(shield=True), contextlib.suppress(StorageError):
+        await store.apply((), free=[(key, token)])
 
 
 def windows_for(strategy: str, store: LimitStore) -> Windows:

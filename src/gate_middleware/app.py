@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -249,8 +250,9 @@ class Gateway(Starlette):
                 admitted.append(guard)
         except BaseException:
             record.status = 0  # refused before any call: nothing used
-            for guard in reversed(admitted):
-                await guard.settle(record)
+            with anyio.CancelScope(shield=True):  # also when cancelled: settle regardless
+                for guard in reversed(admitted):
+                    await guard.settle(record)
             raise
         record.admitted = True
 

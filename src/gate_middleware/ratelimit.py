@@ -33,6 +33,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from limits.errors import StorageError
 
 from . import _limittext as text
@@ -139,6 +140,11 @@ class RateLimitGuard:
                 await self._give_back(charge)
             self._failed(exc, refuse=True)
             return
+        except BaseException:
+            # Cancelled midway: no `settle` will come, so what was taken goes back now.
+            with anyio.CancelScope(shield=True), contextlib.suppress(StorageError):
+                await self._give_back(charge)
+            raise
         if self._down:
             self._answered()
         record.extra[_CHARGE] = charge
