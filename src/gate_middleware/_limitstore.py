@@ -146,7 +146,10 @@ class MemoryStore:
         if not counts:
             return token, []
         incr = self.storage.incr
-        return token, [await incr(key, expiry, amount=amount) for key, expiry, amount in counts]
+        totals = []
+        for key, expiry, amount in counts:  # a loop: an async comprehension is a coroutine more
+            totals.append(await incr(key, expiry, amount=amount))
+        return token, totals
 
     async def count(self, key: str) -> int:
         return self._in_flight.get(key, 0)

@@ -53,12 +53,19 @@ class _JSONAnswer(Response):
             (b"content-type", b"application/json"),
         ]
         if headers:
-            # ASGI names are lower case; a guard may have written "X-Some-Header".
-            raw += [
-                ((k if k.islower() else k.lower()).encode("latin-1"), v.encode("latin-1"))
-                for k, v in headers.items()
-            ]
+            names = _NAMES
+            for k, v in headers.items():
+                name = names.get(k)
+                if name is None:
+                    # ASGI names are lower case; a guard may have written "X-Some-Header".
+                    name = k.lower().encode("latin-1")
+                    if len(names) < 1000:
+                        names[k] = name
+                raw.append((name, v.encode("latin-1")))
         self.raw_headers = raw
+
+
+_NAMES: dict[str, bytes] = {}  # header names as sent: the same few on every answer
 
 
 def answer_headers(record: RequestRecord, outcome: Outcome[Any]) -> dict[str, str]:
