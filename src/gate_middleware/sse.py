@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
 from starlette.types import Receive, Scope, Send
 
@@ -60,12 +60,9 @@ class EventStreamResponse:
     watcher task that cancels the sending task costs less on every stream.
     """
 
-    def __init__(self, body: AsyncIterator[bytes], headers: Mapping[str, str]) -> None:
+    def __init__(self, body: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]]) -> None:
         self.body = body
-        self.raw_headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
-        ]
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), *headers]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()

@@ -20,7 +20,7 @@ from ..record import RequestRecord, usage_into
 from ..retry import Candidate, Outcome
 from ..sse import DONE, EventStreamResponse, frame
 from ..tokens import estimate_completion_tokens
-from ._endpoint import Endpoint, answer, answer_headers
+from ._endpoint import Endpoint, answer, answer_headers, encode_headers
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -140,7 +140,7 @@ class ChatAPI(Endpoint):
                     await gateway.finish(record, error, disconnected=disconnected)
 
         return EventStreamResponse(
-            events(), headers={**answer_headers(record, opened), **_STREAM_HEADERS}
+            events(), encode_headers({**answer_headers(record, opened), **_STREAM_HEADERS})
         )
 
 
