@@ -304,3 +304,32 @@ async def test_a_client_gone_mid_body_is_recorded_not_a_crash(
     await gateway(scope, receive, send)
     assert records[-1].status == 499 and records[-1].error_code == "client_disconnected"
     assert "Traceback" not in caplog.text and "Unexpected error" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"retry-after": "inf"},
+        {"retry-after": "nan"},
+        {"retry-after-ms": "inf"},
+        {"retry-after": "-5"},
+    ],
+)
+async def test_a_retry_after_that_is_no_wait_is_ignored(header: dict[str, str]) -> None:
+    """An upstream's `retry-after: inf` once crashed the error's own header (a 500 that
+    leaked the request's hold): no wait is read from it."""
+    from gate_middleware.providers.openai import upstream_error
+
+    error = upstream_error(429, b'{"error": {"message": "slow down"}}', header)
+    assert error.status == 429 and error.retry_after in (None, 0.0)
+    assert error.headers.get("retry-after", "1") == "1"
+
+
+async def test_header_digits_that_are_not_ascii_are_a_400(http: httpx2.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": "openai/gpt-4.1", "messages": MESSAGES},
+        headers={"x-gate-max-retries": "\u00b2".encode("latin-1")},  # type: ignore[dict-item]
+    )
+    assert response.status_code == 400
+    assert_openai_error(response.json(), param="x-gate-max-retries")

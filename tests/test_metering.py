@@ -409,3 +409,51 @@ def test_ledger_rows_fill_every_field_from_the_record() -> None:
         for account, amount in (("acct_root", 100), ("acct_child", 150))
     ]
     assert rows == expected
+
+
+@pytest.mark.parametrize("ending", ["a bug", "cancelled"])
+async def test_a_request_ended_by_a_bug_or_a_cancel_settles_and_is_ledgered(
+    upstream: FakeUpstream, ending: str
+) -> None:
+    """Anything but a gateway error between admission and the answer (a host provider's
+    bug, the request cancelled by the host) still gives back the quota hold and the
+    slot in flight, and leaves a ledger row; not a hold locked until a restart."""
+    gateway = make_billing_gateway(upstream, "memory://", rate_limits={"key": {"concurrency": 1}})
+    reached = asyncio.Event()
+
+    async def broken(body: dict) -> None:
+        reached.set()
+        if ending == "a bug":
+            raise RuntimeError("bug in a host provider")
+        await asyncio.Event().wait()
+
+    gateway.providers["openai"].chat = broken  # type: ignore[method-assign,assignment]
+    async with gateway:
+        account, secret = await fund(gateway, "1")
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=mounted(gateway), raise_app_exceptions=False),
+            base_url="http://t",
+            headers={"authorization": f"Bearer {secret}"},
+        ) as http:
+            call = asyncio.create_task(
+                http.post(
+                    "/v1/chat/completions", json={"model": "openai/gpt-4.1", "messages": MESSAGES}
+                )
+            )
+            await asyncio.wait_for(reached.wait(), 5)
+            if ending == "cancelled":
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+            else:
+                response = await call
+                assert response.status_code == 500
+                assert response.json()["error"]["code"] == "internal_error"
+            limits = (await http.get("/v1/ratelimits")).json()
+            assert limits["concurrency"] == {"limit": 1, "in_flight": 0}
+        [row] = await ledger(gateway, account, kind="request")
+        assert (row.status, row.error_code) == (
+            (500, "internal_error") if ending == "a bug" else (499, "cancelled")
+        )
+        assert gateway.accounting is not None and gateway.accounting.book is not None
+        assert gateway.accounting.book.purse("account", account).held == 0

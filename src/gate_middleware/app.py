@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -278,6 +279,17 @@ class Gateway(Starlette):
                 hook(record)
             except Exception:
                 logger.exception("A record hook failed (request %s).", record.request_id)
+
+    async def abandon(self, record: RequestRecord, exc: BaseException) -> None:
+        """Close the record of a request ended by anything but a `GateError`: a bug, or
+        the request cancelled (a host's timeout, a shutdown). Its guards settle all the
+        same (its quota hold, its slot in flight) and its ledger row is written."""
+        if isinstance(exc, asyncio.CancelledError):
+            error = GateError("The request was cancelled.", status=499, code="cancelled")
+        else:
+            error = GateError("The gateway failed to handle the request.", code="internal_error")
+        with anyio.CancelScope(shield=True):
+            await self.finish(record, error)
 
     async def call(
         self,

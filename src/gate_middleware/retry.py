@@ -43,7 +43,7 @@ class RetryPolicy:
         if entry.max_retries is not None:
             policy = replace(policy, max_retries=entry.max_retries)
         if (value := headers.get("x-gate-max-retries")) is not None:
-            if not value.isdigit() or int(value) > 10:
+            if not (value.isascii() and value.isdigit()) or int(value) > 10:
                 raise InvalidRequestError(
                     "x-gate-max-retries must be an integer from 0 to 10.",
                     param="x-gate-max-retries",

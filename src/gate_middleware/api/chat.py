@@ -60,6 +60,9 @@ class ChatAPI(Endpoint):
         except GateError as exc:
             await gateway.finish(record, exc)
             raise
+        except BaseException as exc:
+            await gateway.abandon(record, exc)
+            raise
         if stream:
             return self._stream(body, opened, record)
         data = answered.value.data

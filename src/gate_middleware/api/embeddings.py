@@ -42,6 +42,9 @@ class EmbeddingsAPI(Endpoint):
         except GateError as exc:
             await gateway.finish(record, exc)
             raise
+        except BaseException as exc:
+            await gateway.abandon(record, exc)
+            raise
         data = answered.value.data
         data["model"] = answered.candidate.entry.id
         usage_into(record, data.get("usage"))

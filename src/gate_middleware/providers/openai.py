@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import math
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
@@ -16,6 +18,8 @@ from ._transport import AiohttpTransport, HttpxTransport, Transport, TransportRe
 from .base import Reply
 
 __all__ = ["OpenAICompatible", "upstream_error"]
+
+_MAX_WAIT = 86_400.0  # seconds: a longer retry-after is read as a day
 
 
 class OpenAICompatible:
@@ -121,21 +125,21 @@ async def _whole(response: TransportResponse) -> Reply:
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """The wait an upstream asked for, in seconds, if it asked for one: "inf", "nan" or
+    -5 are not waits; a longer one than a day is read as a day."""
+    seconds = None
     if value := headers.get("retry-after-ms"):
+        with contextlib.suppress(ValueError):
+            seconds = float(value) / 1000
+    if (seconds is None or not math.isfinite(seconds)) and (value := headers.get("retry-after")):
         try:
-            return float(value) / 1000
+            seconds = float(value)
         except ValueError:
-            pass
-    if value := headers.get("retry-after"):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-        try:  # an HTTP date
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (ValueError, TypeError):
-            pass
-    return None
+            with contextlib.suppress(ValueError, TypeError):  # an HTTP date
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), _MAX_WAIT)
 
 
 def upstream_error(status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
