@@ -9,12 +9,12 @@ import httpx2
 import openai
 import pytest
 
-from gate_middleware import Gateway
+from gate_middleware import GateSettings, Gateway, ProviderSettings
 from gate_middleware.storage import LedgerQuery, LedgerRow
 from gate_middleware.testing import FakeUpstream
 from gate_middleware.tokens import estimate_prompt_tokens
 
-from .conftest import BACKENDS, fund, make_billing_gateway, mounted, sdk
+from .conftest import ADMIN_KEY, BACKENDS, client_for, fund, make_billing_gateway, mounted, sdk
 
 MESSAGES = [{"role": "user", "content": "Say hello to the ledger."}]
 PROMPT = estimate_prompt_tokens({"messages": MESSAGES})
@@ -457,3 +457,82 @@ async def test_a_request_ended_by_a_bug_or_a_cancel_settles_and_is_ledgered(
         )
         assert gateway.accounting is not None and gateway.accounting.book is not None
         assert gateway.accounting.book.purse("account", account).held == 0
+
+
+async def test_a_stream_the_upstream_cuts_after_content_is_billed_its_estimate(
+    live_upstream: tuple[FakeUpstream, str],
+) -> None:
+    """Content reached the client before the upstream dropped the stream: the vendor bills
+    what it produced, so the caller is billed the relay's estimate, not nothing. (A real
+    upstream on loopback: through an ASGI transport the whole body comes at once.)"""
+    _, url = live_upstream
+    gateway = Gateway(
+        GateSettings(
+            admin_key=ADMIN_KEY,
+            database_url="memory://",
+            ledger_flush_seconds=0.02,
+            providers={"openai": ProviderSettings(base_url=url)},
+        )
+    )
+    async with gateway:
+        account, secret = await fund(gateway, "1")
+        async with client_for(gateway, secret) as http:
+            response = await http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "openai/gpt-4.1",
+                    "messages": MESSAGES,
+                    "stream": True,
+                    "fake_fault": {"drop": "mid", "after_chunks": 4},
+                },
+            )
+        assert response.status_code == 200
+        assert '"content"' in response.text and '"error"' in response.text
+        [row] = await ledger(gateway, account, kind="request")
+        assert row.status >= 500 and row.estimated
+        assert row.prompt_tokens == PROMPT and row.completion_tokens > 0
+        assert row.amount == row.prompt_tokens * IN + row.completion_tokens * OUT
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": -(10**9), "completion_tokens": 5},
+        {"prompt_tokens": 10, "completion_tokens": 10**16},
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": -7},
+        },
+    ],
+)
+async def test_usage_no_request_can_have_is_not_believed(
+    upstream: FakeUpstream, usage: dict
+) -> None:
+    """A negative count would credit the caller; one past any integer the ledger holds
+    stopped every account's rows from being written. Either way: billed on the estimate."""
+    from gate_middleware.providers.base import Reply
+
+    gateway = make_billing_gateway(upstream, "sqlite:///:memory:")
+
+    async def lying(body: dict) -> Reply:
+        message = {"role": "assistant", "content": "Hi there, ledger."}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return Reply({"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage})
+
+    gateway.providers["openai"].chat = lying  # type: ignore[method-assign,assignment]
+    async with gateway:
+        account, secret = await fund(gateway, "1")
+        async with client_for(gateway, secret) as http:
+            for _ in range(2):
+                response = await http.post(
+                    "/v1/chat/completions", json={"model": "openai/gpt-4.1", "messages": MESSAGES}
+                )
+                assert response.status_code == 200
+        rows = await ledger(gateway, account, kind="request")
+        assert len(rows) == 2
+        for row in rows:
+            assert row.estimated and row.prompt_tokens == PROMPT and row.cached_tokens == 0
+            assert 0 < row.amount == PROMPT * IN + row.completion_tokens * OUT
+        credits, spent = await balance(gateway, account)
+        assert spent == sum(row.amount for row in rows)

@@ -25,7 +25,7 @@ logger = logging.getLogger("gate_middleware.ledger")
 
 def request_cost(record: RequestRecord, price: Price | None) -> list[int]:
     """Per level of the caller's chain, root first; estimates usage the upstream withheld."""
-    if not record.usage_reported and record.status in (200, 499):
+    if record.usage_estimated:
         record.prompt_tokens = record.prompt_tokens or record.estimated_prompt_tokens
         record.completion_tokens = record.completion_tokens or record.estimated_completion_tokens
     if price is None:
@@ -42,7 +42,7 @@ def ledger_rows(record: RequestRecord, costs: Sequence[int], now: float) -> list
     """
     principal = record.principal
     levels: list[str | None] = [level.account_id for level in principal.chain] or [None]
-    estimated = not record.usage_reported and record.status in (200, 499)
+    estimated = record.usage_estimated
     key_prefix = principal.key_hint.removesuffix("...")
     return [
         LedgerRow(

@@ -376,7 +376,6 @@ def _corrections(taken: Sequence[_Charged], used: int) -> list[Change]:
 def _used(record: RequestRecord) -> int:
     if record.usage_reported:
         return record.prompt_tokens + record.completion_tokens
-    if record.status >= 400 and record.status != 499 and record.ttft_ms is None:
-        return 0  # the upstream failed before answering anything
-    # An answer without usage, or a stream cut short: what the relay counted.
-    return record.estimated_prompt_tokens + record.estimated_completion_tokens
+    if record.usage_estimated:  # an answer without usage, or a stream cut short
+        return record.estimated_prompt_tokens + record.estimated_completion_tokens
+    return 0  # the upstream failed before answering anything

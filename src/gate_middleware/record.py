@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from starlette.types import Scope
 
 if TYPE_CHECKING:
     from .auth import Principal
+
+logger = logging.getLogger("gate_middleware")
 
 __all__ = [
     "HEADERS",
@@ -67,6 +70,12 @@ class RequestRecord:
     @property
     def key_hint(self) -> str:
         return self.principal.key_hint
+
+    @property
+    def usage_estimated(self) -> bool:
+        """No usage came, yet the upstream worked: an answer, or a stream that relayed
+        something before it ended (the client left, or the upstream cut it off)."""
+        return not self.usage_reported and (self.status in (200, 499) or self.ttft_ms is not None)
 
 
 RecordHook = Callable[[RequestRecord], None]
@@ -124,18 +133,42 @@ os.register_at_fork(after_in_child=_reseed)
 
 
 def usage_into(record: RequestRecord, usage: Any) -> None:
-    """Copy an OpenAI `usage` object (with its optional details) into the record."""
+    """Copy an OpenAI `usage` object (with its optional details) into the record.
+
+    Counts no request can have (negative, or past `_MAX_TOKENS`) are not believed: a
+    negative one would credit the caller, a huge one overflow the ledger's integers.
+    The request is then billed on its estimate, as if no usage had come.
+    """
     if not isinstance(usage, dict):
         return
-    record.usage_reported = True
-    record.prompt_tokens = _int(usage.get("prompt_tokens"))
-    record.completion_tokens = _int(usage.get("completion_tokens"))
     prompt_details = usage.get("prompt_tokens_details")
-    if isinstance(prompt_details, dict):
-        record.cached_tokens = _int(prompt_details.get("cached_tokens"))
     completion_details = usage.get("completion_tokens_details")
-    if isinstance(completion_details, dict):
-        record.reasoning_tokens = _int(completion_details.get("reasoning_tokens"))
+    counts = (
+        _int(usage.get("prompt_tokens")),
+        _int(usage.get("completion_tokens")),
+        _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        _int(completion_details.get("reasoning_tokens"))
+        if isinstance(completion_details, dict)
+        else 0,
+    )
+    if not all(0 <= count <= _MAX_TOKENS for count in counts):
+        logger.warning(
+            "Request %s: the upstream reported usage no request can have (%s); "
+            "billed on the estimate.",
+            record.request_id,
+            usage,
+        )
+        return
+    record.usage_reported = True
+    (
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cached_tokens,
+        record.reasoning_tokens,
+    ) = counts
+
+
+_MAX_TOKENS = 10**9  # more tokens than any one request can use, yet a safe integer to bill
 
 
 def _int(value: Any) -> int:
