@@ -4,10 +4,10 @@ import httpx2
 import openai
 import pytest
 
-from gate_middleware import Gateway, RequestRecord
+from gate_middleware import GateSettings, Gateway, ProviderSettings, RequestRecord
 from gate_middleware.testing import FakeUpstream, Fault
 
-from .conftest import KEY, make_gateway, mounted, sdk
+from .conftest import KEY, client_for, make_gateway, mounted, sdk
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -333,3 +333,26 @@ async def test_header_digits_that_are_not_ascii_are_a_400(http: httpx2.AsyncClie
     )
     assert response.status_code == 400
     assert_openai_error(response.json(), param="x-gate-max-retries")
+
+
+async def test_an_upstream_failing_never_shows_the_credentials_in_its_url() -> None:
+    """A base URL may carry a user, a password or a `?key=`: a 502 names the upstream
+    without them."""
+    gateway = Gateway(
+        GateSettings(
+            api_keys=[KEY],
+            providers={
+                "openai": ProviderSettings(base_url="http://admin:s3cr3t@127.0.0.1:1/v1?key=K3Y")
+            },
+            max_retries=0,
+        )
+    )
+    async with gateway, client_for(gateway) as http:
+        response = await http.post(
+            "/v1/chat/completions", json={"model": "openai/gpt-4.1", "messages": MESSAGES}
+        )
+    assert response.status_code == 502
+    assert_openai_error(response.json(), code="upstream_connection_error")
+    assert "127.0.0.1:1" in response.text
+    assert "s3cr3t" not in response.text and "K3Y" not in response.text
+    assert "s3cr3t" not in repr(gateway.providers["openai"])

@@ -68,3 +68,18 @@ def test_cli_reports_bad_settings_in_one_line_without_their_values(tmp_path: Pat
     assert result.returncode == 2
     assert "invalid setting GATE_PROVIDERS__OPENAI" in result.stderr
     assert secret not in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+def test_provider_headers_are_secrets_never_printed() -> None:
+    """Azure's `api-key` travels in a provider's headers: as secret as its api_key."""
+    from gate_middleware.providers import providers_from_settings
+
+    settings = GateSettings(
+        api_keys=["k"],
+        providers={
+            "azure": {"base_url": "https://x.example/v1", "headers": {"api-key": "AZ-SECRET"}}
+        },
+    )
+    assert "AZ-SECRET" not in repr(settings) and "AZ-SECRET" not in str(settings.model_dump())
+    provider = providers_from_settings(settings, None)["azure"]
+    assert provider._headers["api-key"] == "AZ-SECRET"  # what the upstream is sent

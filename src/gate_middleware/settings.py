@@ -45,7 +45,9 @@ class ProviderSettings(_Strict):
     kind: Literal["openai", "fake"] = "openai"
     base_url: str | None = Field(None, description="Default: the vendor's own, by name.")
     api_key: SecretStr | None = None
-    headers: dict[str, str] = {}
+    headers: dict[str, SecretStr] = Field(
+        {}, description="Extra headers, e.g. Azure's api-key: secrets, never printed."
+    )
     connect_timeout: float | None = None
     read_timeout: float | None = None
     stream_timeout: float | None = None

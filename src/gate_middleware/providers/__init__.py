@@ -30,7 +30,7 @@ def providers_from_settings(
         providers[name] = OpenAICompatible(
             base_url,
             api_key=config.api_key.get_secret_value() if config.api_key else None,
-            headers=config.headers,
+            headers={name: value.get_secret_value() for name, value in config.headers.items()},
             connect_timeout=config.connect_timeout or settings.connect_timeout,
             read_timeout=config.read_timeout or settings.read_timeout,
             stream_timeout=config.stream_timeout or settings.stream_timeout,

@@ -17,7 +17,7 @@ from yarl import URL
 
 from ..errors import GatewayNotStartedError, UpstreamError
 
-__all__ = ["AiohttpTransport", "HttpxTransport", "Transport", "TransportResponse"]
+__all__ = ["AiohttpTransport", "HttpxTransport", "Transport", "TransportResponse", "shown"]
 
 _MAX_URLS = 1000
 
@@ -49,14 +49,25 @@ class Transport(Protocol):
     ) -> TransportResponse: ...
 
 
+def shown(url: str) -> str:
+    """A URL as callers and logs may see it: without the user, password and query a
+    base URL may carry (`http://user:secret@host`, `?key=...`)."""
+    try:
+        return str(URL(url).with_user(None).with_query(None).with_fragment(None))
+    except ValueError:
+        return "(an invalid URL)"
+
+
 def _timeout_error(url: str) -> UpstreamError:
-    return UpstreamError(f"The upstream timed out ({url}).", status=504, code="upstream_timeout")
+    return UpstreamError(
+        f"The upstream timed out ({shown(url)}).", status=504, code="upstream_timeout"
+    )
 
 
 def _connection_error(url: str, exc: BaseException) -> UpstreamError:
     reason = type(exc).__name__
     return UpstreamError(
-        f"The upstream connection failed ({url}: {reason}).",
+        f"The upstream connection failed ({shown(url)}: {reason}).",
         status=502,
         code="upstream_connection_error",
     )

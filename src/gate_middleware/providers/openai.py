@@ -14,7 +14,13 @@ import httpx
 from .. import _json
 from ..errors import UpstreamError
 from ..sse import iter_sse_data
-from ._transport import AiohttpTransport, HttpxTransport, Transport, TransportResponse
+from ._transport import (
+    AiohttpTransport,
+    HttpxTransport,
+    Transport,
+    TransportResponse,
+    shown,
+)
 from .base import Reply
 
 __all__ = ["OpenAICompatible", "upstream_error"]
@@ -52,7 +58,7 @@ class OpenAICompatible:
         )
 
     def __repr__(self) -> str:
-        return f"OpenAICompatible({self.base_url!r})"
+        return f"OpenAICompatible({shown(self.base_url)!r})"
 
     async def startup(self) -> None:
         await self._transport.startup()
