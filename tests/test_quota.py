@@ -21,7 +21,7 @@ from gate_middleware.accounts import Accounts
 from gate_middleware.auth import Principal
 from gate_middleware.storage import LedgerQuery
 from gate_middleware.storage.postgres import PostgresStorage
-from gate_middleware.testing import FakeUpstream
+from gate_middleware.testing import FakeUpstream, Fault
 from gate_middleware.tokens import estimate_prompt_tokens
 
 from .conftest import (
@@ -200,3 +200,82 @@ async def test_two_gateway_processes_share_a_postgres_balance(postgres_url: str)
                 process.kill()
         await storage.close()
         await drop_schema(postgres_url, schema)
+
+
+NANO = "openai/gpt-4.1-nano"  # 100 / 400 nanodollars per prompt / completion token
+
+
+async def test_the_requests_own_fallbacks_are_held_for_and_must_be_allowed() -> None:
+    """OpenRouter's `models` list names fallbacks per request: the hold covers the
+    dearest of them, and a fallback the key may not use is never tried."""
+    upstream = FakeUpstream()
+    gateway = make_billing_gateway(upstream, "memory://", retry_backoff=0.001)
+    async with gateway:
+        # Enough for gpt-4.1-nano's most (~0.4 m nanodollars), not gpt-4.1's (~8 m).
+        _, secret = await fund(gateway, "0.002")
+        body = {
+            "model": NANO,
+            "models": ["openai/gpt-4.1"],
+            "messages": MESSAGES,
+            "max_tokens": 1000,
+        }
+        async with client_for(gateway, secret) as http:
+            response = await http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 402
+            assert response.json()["error"]["code"] == "insufficient_quota"
+            alone = await http.post("/v1/chat/completions", json={**body, "models": []})
+            assert alone.status_code == 200
+        account, secret = await fund(gateway, "10", key={"allowed_models": [NANO]})
+        async with client_for(gateway, secret) as http:
+            upstream.schedule(Fault(status=500))  # nano fails once: the next candidate is tried
+            response = await http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200
+            assert response.json()["model"] == NANO
+            only = {**body, "model": "openai/gpt-4.1", "models": []}
+            assert (await http.post("/v1/chat/completions", json=only)).status_code == 403
+        assert gateway.accounting is not None
+        await gateway.accounting.writer.flush()
+        rows = await gateway.accounting.storage.rows(LedgerQuery(account_id=account))
+        assert {row.model_id for row in rows if row.kind == "request"} == {NANO, None}
+
+
+async def test_a_hold_covers_every_choice_asked_for() -> None:
+    """`n` choices can each use `max_tokens`, and the upstream bills them all."""
+    gateway = make_billing_gateway(
+        FakeUpstream(), "memory://", rate_limits={"key": {"tokens": "20000/minute"}}
+    )
+    async with gateway:
+        _, secret = await fund(gateway, "0.01")  # 10 m nanodollars
+        body = {"model": NANO, "messages": MESSAGES, "max_tokens": 1000}
+        async with client_for(gateway, secret) as http:
+            # 16 choices: a hold of 6.4 m nanodollars fits; 32: 12.8 m does not.
+            assert (
+                await http.post("/v1/chat/completions", json={**body, "n": 16})
+            ).status_code == 200
+            refused = await http.post("/v1/chat/completions", json={**body, "n": 32})
+            assert refused.status_code == 429  # 32,000 tokens: past the key's 20,000 a minute
+            assert "too large" in refused.json()["error"]["message"]
+            too_many = await http.post("/v1/chat/completions", json={**body, "n": 129})
+            assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+            huge = await http.post("/v1/chat/completions", json={**body, "max_tokens": 2**62})
+            assert huge.status_code == 400 and huge.json()["error"]["param"] == "max_tokens"
+
+
+def test_a_prompts_estimate_counts_images_tools_and_schemas() -> None:
+    text = {"messages": [{"role": "user", "content": "What is in this picture?"}]}
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 10_000}}
+    pictured = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "What is in this picture?"}, image],
+            }
+        ]
+    }
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"x": "y" * 4000}}}
+    base = estimate_prompt_tokens(text)
+    assert estimate_prompt_tokens(pictured) >= base + 1000
+    assert estimate_prompt_tokens({**text, "tools": [tool] * 10}) >= base + 10_000
+    assert (
+        estimate_prompt_tokens({**text, "response_format": {"schema": "z" * 4000}}) >= base + 1000
+    )

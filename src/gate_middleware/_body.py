@@ -9,6 +9,7 @@ from starlette.types import Receive, Scope
 from . import _json
 from .errors import GateError, InvalidRequestError, PayloadTooLargeError
 from .record import gate_headers
+from .tokens import MAX_TOKENS
 
 __all__ = ["check_chat", "check_embeddings", "read_json"]
 
@@ -92,6 +93,8 @@ _CHAT_OPTIONAL: dict[str, tuple[type | tuple[type, ...], str]] = {
     "top_p": ((int, float), "a number"),
 }
 _AT_LEAST_ONE = frozenset({"max_tokens", "max_completion_tokens", "n"})
+# What a hold multiplies: bounded, so a cost is always an integer the database holds.
+_AT_MOST = {"max_tokens": MAX_TOKENS, "max_completion_tokens": MAX_TOKENS, "n": 128}
 
 
 def check_chat(body: dict[str, Any]) -> tuple[str, bool]:
@@ -117,8 +120,13 @@ def check_chat(body: dict[str, Any]) -> tuple[str, bool]:
         if spec is None:
             continue
         _optional(body, param, *spec)
-        if param in _AT_LEAST_ONE and (value := body[param]) is not None and value < 1:
-            raise InvalidRequestError(f"Invalid '{param}': must be at least 1.", param=param)
+        if param in _AT_LEAST_ONE and (value := body[param]) is not None:
+            if value < 1:
+                raise InvalidRequestError(f"Invalid '{param}': must be at least 1.", param=param)
+            if value > _AT_MOST[param]:
+                raise InvalidRequestError(
+                    f"Invalid '{param}': must be at most {_AT_MOST[param]}.", param=param
+                )
     return model, body.get("stream") is True
 
 

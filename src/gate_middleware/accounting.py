@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 
 from .accounts import AccountKeys, Accounts, model_allowed
-from .auth import StaticKeys
-from .errors import InvalidRequestError, PermissionDeniedError
+from .auth import Principal, StaticKeys
+from .errors import GateError, InvalidRequestError, PermissionDeniedError
 from .metering import LedgerWriter, ledger_rows, request_cost
 from .pricing import Price, level_costs, nanos_from_usd, price_of
 from .quota import LeaseBook
 from .record import RequestRecord
-from .routing import Catalogue
+from .retry import Candidate
+from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
 from .storage import Spend, Storage
 
@@ -99,32 +100,31 @@ class Accounting:
         # The model that answers is known only after the call (retries may fall back
         # to another), so the hold covers the dearest model that could answer.
         entry = self._catalogue.resolve(record.model)
-        if not model_allowed(principal, entry.id, record.model):
-            raise PermissionDeniedError(
-                f"This key may not use the model '{record.model}'.",
-                param="model",
-                code="model_not_allowed",
-            )
-        price = self.price(entry.id)
-        if price is None and self._reject_unpriced:
-            raise InvalidRequestError(
-                f"The model '{record.model}' has no price on this gateway, so it cannot be billed.",
-                param="model",
-                code="model_not_priced",
-            )
+        refused = self._refusal(principal, entry, record.model)
+        if refused is not None:
+            raise refused
+        candidates = record.candidates
+        if len(candidates) > 1 or (candidates and candidates[0].entry is not entry):
+            candidates = record.candidates = self._servable(principal, candidates)
         if self.book is None:
             return
         completion = (
             0
             if record.endpoint == "embeddings"
-            else (record.max_completion_tokens or self._max_tokens)
+            else (record.max_completion_tokens or self._max_tokens) * record.choices
         )
-        prices = self._hold_prices.get(entry.id)
+        only = candidates[0].entry if len(candidates) == 1 else entry if not candidates else None
+        prices = None if only is None else self._hold_prices.get(only.id)
         if prices is None:
-            candidates = (entry.id, *entry.fallbacks, *filter(None, [entry.context_fallback]))
-            prices = self._hold_prices[entry.id] = [
-                p for m in candidates if (p := self.price(m)) is not None
+            entries = {c.entry.id: c.entry for c in candidates} if only is None else {"": only}
+            prices = [
+                p
+                for model in entries.values()
+                for m in (model.id, model.context_fallback)
+                if m and (p := self.price(m)) is not None
             ]
+            if only is not None:
+                self._hold_prices[only.id] = prices
         if not prices:
             return
         prompt = record.estimated_prompt_tokens
@@ -139,6 +139,41 @@ class Accounting:
         if principal.spend_limit is not None and principal.key_id:
             wanted.append((self.book.purse("key", principal.key_id), most[-1]))
         record.extra["holds"] = await self.book.hold(wanted)
+
+    def _refusal(self, principal: Principal, entry: ModelEntry, asked: str) -> GateError | None:
+        """Why this key may not be answered by this model, if it may not."""
+        if not model_allowed(principal, entry.id, asked):
+            return PermissionDeniedError(
+                f"This key may not use the model '{asked}'.",
+                param="model",
+                code="model_not_allowed",
+            )
+        if self._reject_unpriced and self.price(entry.id) is None:
+            return InvalidRequestError(
+                f"The model '{asked}' has no price on this gateway, so it cannot be billed.",
+                param="model",
+                code="model_not_priced",
+            )
+        return None
+
+    def _servable(self, principal: Principal, candidates: list[Candidate]) -> list[Candidate]:
+        """The candidates this key may be answered by: a fallback (the request's own
+        `models`, or the catalogue's) the key may not use, or that cannot be billed, is
+        never tried. None left: the first one's refusal."""
+        kept, first = [], None
+        verdicts: dict[str, GateError | None] = {}
+        for candidate in candidates:
+            model = candidate.entry
+            if model.id not in verdicts:
+                verdicts[model.id] = self._refusal(principal, model, model.id)
+            refused = verdicts[model.id]
+            if refused is None:
+                kept.append(candidate)
+            elif first is None:
+                first = refused
+        if not kept and first is not None:
+            raise first
+        return kept
 
     async def settle(self, record: RequestRecord) -> None:
         principal = record.principal

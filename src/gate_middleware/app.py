@@ -239,11 +239,18 @@ class Gateway(Starlette):
             parent_id=scope.get(PARENT),
         )
 
-    async def admit(self, record: RequestRecord, body: dict[str, Any]) -> None:
-        """Run every guard's `admit`; if one refuses, release what the others took."""
+    async def admit(
+        self, record: RequestRecord, body: dict[str, Any], entry: ModelEntry | None = None
+    ) -> None:
+        """Plan who may answer the model `entry`, then run every guard's `admit`; if one
+        refuses, release what the others took."""
+        if entry is not None:
+            record.candidates = plan(self.catalogue, entry, body)
         record.estimated_prompt_tokens = estimate_prompt_tokens(body)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         record.max_completion_tokens = limit if isinstance(limit, int) else None
+        choices = body.get("n")
+        record.choices = choices if isinstance(choices, int) and choices > 1 else 1
         admitted: list[Guard] = []
         try:
             for guard in self.guards:
@@ -300,7 +307,7 @@ class Gateway(Starlette):
         call: Callable[[Candidate, dict[str, Any]], Awaitable[T]],
     ) -> Outcome[T]:
         """Call the upstream with retries and fallbacks; fill the record with who answered."""
-        candidates = plan(self.catalogue, entry, body)
+        candidates = record.candidates
         upstream_body = {k: v for k, v in body.items() if k not in ROUTING_FIELDS}
 
         limiter = self.rate_limiter

@@ -260,7 +260,7 @@ class RateLimitGuard:
         if completion is None:
             chat = record.endpoint.startswith("chat")
             completion = self.settings.completion_estimate if chat else 0
-        return record.estimated_prompt_tokens + completion
+        return record.estimated_prompt_tokens + completion * record.choices
 
     def _store_(self) -> LimitStore:
         assert self._store is not None, "the gateway's lifespan opens the limit storage"

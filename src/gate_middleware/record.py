@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import Scope
 
+from .tokens import MAX_TOKENS
+
 if TYPE_CHECKING:
     from .auth import Principal
+    from .retry import Candidate
 
 logger = logging.getLogger("gate_middleware")
 
@@ -62,6 +65,9 @@ class RequestRecord:
     estimated_prompt_tokens: int = 0
     estimated_completion_tokens: int = 0
     max_completion_tokens: int | None = None
+    choices: int = 1  # `n`: each choice can use up to `max_completion_tokens`
+    # Who may answer, in the order tried (fallbacks too): guards may drop some.
+    candidates: list[Candidate] = field(default_factory=list)
     attempts: int = 0
     admitted: bool = False
     headers: dict[str, str] = field(default_factory=dict)
@@ -135,7 +141,7 @@ os.register_at_fork(after_in_child=_reseed)
 def usage_into(record: RequestRecord, usage: Any) -> None:
     """Copy an OpenAI `usage` object (with its optional details) into the record.
 
-    Counts no request can have (negative, or past `_MAX_TOKENS`) are not believed: a
+    Counts no request can have (negative, or past `MAX_TOKENS`) are not believed: a
     negative one would credit the caller, a huge one overflow the ledger's integers.
     The request is then billed on its estimate, as if no usage had come.
     """
@@ -151,7 +157,7 @@ def usage_into(record: RequestRecord, usage: Any) -> None:
         if isinstance(completion_details, dict)
         else 0,
     )
-    if not all(0 <= count <= _MAX_TOKENS for count in counts):
+    if not all(0 <= count <= MAX_TOKENS for count in counts):
         logger.warning(
             "Request %s: the upstream reported usage no request can have (%s); "
             "billed on the estimate.",
@@ -166,9 +172,6 @@ def usage_into(record: RequestRecord, usage: Any) -> None:
         record.cached_tokens,
         record.reasoning_tokens,
     ) = counts
-
-
-_MAX_TOKENS = 10**9  # more tokens than any one request can use, yet a safe integer to bill
 
 
 def _int(value: Any) -> int:

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-__all__ = ["estimate_completion_tokens", "estimate_prompt_tokens", "estimate_text_tokens"]
+__all__ = [
+    "MAX_TOKENS",
+    "estimate_completion_tokens",
+    "estimate_prompt_tokens",
+    "estimate_text_tokens",
+]
+
+# More tokens than any one request can use, yet an integer any price bills safely.
+MAX_TOKENS = 10**9
 
 
 def estimate_text_tokens(text: str) -> int:
@@ -20,14 +29,43 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _parts(content: Any) -> int:
+    """What a message's parts other than text cost: an image or a sound, a flat allowance."""
+    if not isinstance(content, list):
+        return 0
+    return sum(
+        _PART_TOKENS for part in content if isinstance(part, dict) and part.get("type") != "text"
+    )
+
+
+def _json_tokens(value: Any) -> int:
+    """Tools, their calls, a response schema: the upstream reads them as text too."""
+    return estimate_text_tokens(json.dumps(value, default=str)) if value else 0
+
+
+# An image part at high detail costs OpenAI's models 85 + 170 per 512 px tile, about a
+# thousand tokens for a large one; a bit more covers most vendors.
+_PART_TOKENS = 1500
+# Request fields other than messages that the model reads as prompt.
+_PROMPT_FIELDS = ("tools", "functions", "response_format")
+
+
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """A chat body's prompt (4 tokens of framing per message), or an embedding's input."""
+    """A chat body's prompt (4 tokens of framing per message; images, tools and
+    schemas too), or an embedding's input. An estimate for limits and holds, on the
+    high side where it cannot know."""
     messages = body.get("messages")
     if isinstance(messages, list):
         total = 3
         for message in messages:
             if isinstance(message, dict):
-                total += 4 + estimate_text_tokens(_text_of(message.get("content")))
+                content = message.get("content")
+                total += 4 + estimate_text_tokens(_text_of(content)) + _parts(content)
+                if "tool_calls" in message:
+                    total += _json_tokens(message["tool_calls"])
+        for field in _PROMPT_FIELDS:
+            if field in body:
+                total += _json_tokens(body[field])
         return total
     inputs = body.get("input")
     if isinstance(inputs, str):

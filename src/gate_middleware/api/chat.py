@@ -52,7 +52,7 @@ class ChatAPI(Endpoint):
                     param="model",
                     code="model_not_supported",
                 )
-            await gateway.admit(record, body)
+            await gateway.admit(record, body, entry)
             if stream:
                 opened = await gateway.call(request, record, entry, body, _open_stream)
             else:

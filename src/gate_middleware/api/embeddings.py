@@ -37,7 +37,7 @@ class EmbeddingsAPI(Endpoint):
                     param="model",
                     code="model_not_supported",
                 )
-            await gateway.admit(record, body)
+            await gateway.admit(record, body, entry)
             answered = await gateway.call(request, record, entry, body, _embed)
         except GateError as exc:
             await gateway.finish(record, exc)
