@@ -279,3 +279,33 @@ def test_a_prompts_estimate_counts_images_tools_and_schemas() -> None:
     assert (
         estimate_prompt_tokens({**text, "response_format": {"schema": "z" * 4000}}) >= base + 1000
     )
+
+
+async def test_a_process_cut_off_from_its_leases_stops_spending_them(tmp_path: Path) -> None:
+    """Gateway A cannot renew its lease (its upkeep is cut off from the database): past
+    the lease's expiry B reclaims it and spends the money. A must not go on spending the
+    same money from memory: it renews before holding again, finds the lease gone, and
+    the account has nothing left for it."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    seconds = 0.3
+    a, b = (
+        make_billing_gateway(FakeUpstream(), url, quota_lease_seconds=seconds, quota_lease_usd="1")
+        for _ in range(2)
+    )
+    async with a, b:
+        account, secret = await fund(a, usd(COST * 3))  # every lease takes all of it
+        async with client_for(a, secret) as to_a, client_for(b, secret) as to_b:
+            assert (await to_a.post("/v1/chat/completions", json=BODY)).status_code == 200
+            assert a.accounting is not None and a.accounting.book is not None
+            assert b.accounting is not None and b.accounting.book is not None
+            a.accounting.book._task.cancel()  # type: ignore[union-attr]  # A: cut off
+            await asyncio.sleep(2 * seconds + 0.1)
+            await b.accounting.book.tidy()  # B reclaims A's lease: A seems dead
+            for _ in range(2):
+                assert (await to_b.post("/v1/chat/completions", json=BODY)).status_code == 200
+            late = await to_a.post("/v1/chat/completions", json=BODY)
+            assert late.status_code == 402
+        await a.accounting.writer.flush()
+        await b.accounting.writer.flush()
+        found = await a.accounting.storage.account(account)
+        assert found is not None and found.spent <= found.credits

@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .errors import InsufficientQuotaError
+from .errors import InsufficientQuotaError, ServiceUnavailableError
 from .metering import LedgerWriter
 from .storage import BalanceStore, Lease, Spend, Target
 
@@ -38,6 +38,9 @@ class Purse:
     leases: list[Lease] = field(default_factory=list)
     used_up: list[Lease] = field(default_factory=list)  # spent to 0, to go back
     used: float = 0.0  # monotonic time of the last hold
+    # Wall-clock time until which every lease is surely still this purse's: the soonest
+    # expiry last written. Past it another process may reclaim them (see `LeaseBook`).
+    until: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def spend(self, cost: int) -> list[Spend]:
@@ -91,8 +94,11 @@ class LeaseBook:
     async def hold(self, wanted: list[tuple[Purse, int]]) -> list[Hold]:
         """Hold each amount from its purse, or none of them (402)."""
         taken: list[Hold] = []
+        now = time.time()
         try:
             for purse, amount in wanted:
+                if purse.leases and now >= purse.until:
+                    await self._keep(purse)
                 if purse.free < amount:
                     await self._top_up(purse, amount)
                 purse.free -= amount
@@ -126,8 +132,44 @@ class LeaseBook:
                     "request (its most possible cost is held before the call). Top it up, "
                     "or ask for fewer max_tokens.",
                 )
+            purse.until = min(purse.until, lease.expires_at) if purse.leases else lease.expires_at
             purse.leases.append(lease)
             purse.free += lease.amount
+
+    async def _keep(self, purse: Purse) -> None:
+        """Renew a purse's leases before it holds from them again: the upkeep could not
+        (the database was out of reach), so another process may have reclaimed them."""
+        async with purse.lock:
+            if not purse.leases or time.time() < purse.until:
+                return  # another request renewed them meanwhile
+            sent = {lease.id for lease in purse.leases}
+            try:
+                renewed = await self._storage.renew(list(sent), time.time() + self._seconds)
+            except Exception as exc:
+                logger.error("Renewing the leases of %s failed: %s", purse.target_id, exc)
+                raise ServiceUnavailableError(
+                    "Balances cannot be checked right now: their database is out of reach. "
+                    "Please try again shortly."
+                ) from None
+            self._renewed(purse, sent, renewed, time.time() + self._seconds)
+
+    def _renewed(self, purse: Purse, sent: set[str], renewed: set[str], expires_at: float) -> None:
+        """After a renewal: a lease sent that no longer exists was reclaimed by another
+        process (this one seemed dead), and its money went back to the balance; it is
+        dropped. What requests in flight hold from it is then owed (`free` below 0), and
+        the next hold leases that too. A lease taken meanwhile stays as it is."""
+        kept = []
+        for lease in purse.leases:
+            if lease.id in renewed:
+                lease.expires_at = expires_at
+                kept.append(lease)
+            elif lease.id not in sent:
+                kept.append(lease)
+            else:
+                logger.warning("Lease %s of %s was reclaimed; dropped.", lease.id, purse.target_id)
+                purse.free -= lease.amount
+        purse.leases = kept
+        purse.until = min((lease.expires_at for lease in kept), default=0.0)
 
     def settle(self, holds: list[Hold], costs: list[int]) -> list[Spend]:
         """Give back each hold and spend the real cost; no await, so nothing interleaves."""
@@ -166,7 +208,7 @@ class LeaseBook:
 
     async def tidy(self) -> None:
         idle_after = time.monotonic() - self._seconds / 3
-        renew: list[str] = []
+        renew: list[tuple[Purse, Lease]] = []
         used_up: list[Lease] = []
         for purse in list(self._purses.values()):
             used_up += purse.used_up
@@ -174,14 +216,18 @@ class LeaseBook:
             if purse.held == 0 and purse.used < idle_after:
                 await self._return(purse)
             else:
-                renew.extend(lease.id for lease in purse.leases)
+                renew.extend((purse, lease) for lease in purse.leases)
         if used_up:
             # Their spends reach the database first (see `_return`).
             await self._writer.flush()
             for lease in used_up:
                 await self._storage.release(lease.id)
         if renew:
-            await self._storage.renew(renew, time.time() + self._seconds)
+            expires_at = time.time() + self._seconds
+            sent = {lease.id for _, lease in renew}
+            renewed = await self._storage.renew(list(sent), expires_at)
+            for purse in {id(purse): purse for purse, _ in renew}.values():
+                self._renewed(purse, sent, renewed, expires_at)
         # Another process's lease is taken back only long after it stopped renewing.
         await self._storage.reclaim(time.time() - self._seconds)
 

@@ -245,7 +245,9 @@ class BalanceStore(Protocol):
         """Take between `need` and `want` from the target's available money, or None if
         not even `need` is there; one conditional update, never read-then-write."""
 
-    async def renew(self, lease_ids: Sequence[str], expires_at: float) -> None: ...
+    async def renew(self, lease_ids: Sequence[str], expires_at: float) -> set[str]:
+        """Extend these leases; the ids of those that still exist (a lease reclaimed
+        meanwhile, its process having seemed dead, is gone: its money is no more its)."""
 
     async def release(self, lease_id: str) -> None:
         """Give the lease's remaining amount back and delete it."""

@@ -194,10 +194,13 @@ class MemoryStorage:
         self._leases[lease.id] = lease
         return dataclasses.replace(lease)
 
-    async def renew(self, lease_ids: Sequence[str], expires_at: float) -> None:
+    async def renew(self, lease_ids: Sequence[str], expires_at: float) -> set[str]:
+        renewed = set()
         for lease_id in lease_ids:
             if lease := self._leases.get(lease_id):
                 lease.expires_at = expires_at
+                renewed.add(lease_id)
+        return renewed
 
     async def release(self, lease_id: str) -> None:
         lease = self._leases.pop(lease_id, None)

@@ -346,12 +346,13 @@ class PostgresStorage:
             )
         return Lease(lease_id, target, target_id, owner, int(amount), expires_at)
 
-    async def renew(self, lease_ids: Sequence[str], expires_at: float) -> None:
-        await self._pool.execute(
-            "UPDATE leases SET expires_at = $1 WHERE id = ANY($2::text[])",
+    async def renew(self, lease_ids: Sequence[str], expires_at: float) -> set[str]:
+        rows = await self._pool.fetch(
+            "UPDATE leases SET expires_at = $1 WHERE id = ANY($2::text[]) RETURNING id",
             expires_at,
             list(lease_ids),
         )
+        return {row[0] for row in rows}
 
     async def release(self, lease_id: str) -> None:
         async with self._pool.acquire() as conn, conn.transaction():

@@ -433,13 +433,17 @@ class SQLiteStorage:
             return None
         return Lease(lease_id, target, target_id, owner, amount, expires_at)
 
-    async def renew(self, lease_ids: Sequence[str], expires_at: float) -> None:
-        await self._write(
-            lambda conn: conn.executemany(
-                "UPDATE leases SET expires_at = ? WHERE id = ?",
-                [(expires_at, lease_id) for lease_id in lease_ids],
-            )
-        )
+    async def renew(self, lease_ids: Sequence[str], expires_at: float) -> set[str]:
+        def renew(conn: sqlite3.Connection) -> set[str]:
+            return {
+                lease_id
+                for lease_id in lease_ids
+                if conn.execute(
+                    "UPDATE leases SET expires_at = ? WHERE id = ?", (expires_at, lease_id)
+                ).rowcount
+            }
+
+        return await self._write(renew)
 
     async def release(self, lease_id: str) -> None:
         await self._write(lambda conn: _release(conn, lease_id))
