@@ -268,7 +268,9 @@ async def test_streams_are_metered_with_and_without_upstream_usage(upstream: Fak
         assert estimated.completion_tokens == 8 and estimated.amount > 0
 
 
-async def test_unpriced_models_are_refused_or_free(upstream: FakeUpstream) -> None:
+async def test_unpriced_models_are_refused_or_free(
+    upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
     for policy, status in (("reject", 400), ("free", 200)):
         gateway = make_billing_gateway(upstream, "memory://", unpriced_models=policy)
         async with gateway:
@@ -285,6 +287,9 @@ async def test_unpriced_models_are_refused_or_free(upstream: FakeUpstream) -> No
             assert response.status_code == status
             [row] = await ledger(gateway, account, kind="request")
             assert row.status == status and row.amount == 0
+    # Served free, and said so in the log, once.
+    warned = [r for r in caplog.records if "openai/some-new-model" in r.getMessage()]
+    assert len(warned) == 1 and "zero cost" in warned[0].getMessage()
 
 
 async def test_shutdown_writes_every_row(upstream: FakeUpstream, tmp_path: object) -> None:

@@ -121,7 +121,7 @@ async def test_the_dependency_and_the_sdk_inside_a_handler(
     assert response.status_code == 200 and response.json()["translation"]
     assert next(r for r in records if r.endpoint == "chat.completions").route == "/translate"
     assert refused.status_code == 401
-    assert refused.json()["error"]["code"] == "missing_api_key"
+    assert refused.json()["error"]["code"] == "invalid_api_key"
 
 
 async def test_routes_outside_the_patterns_and_websockets_are_untouched(

@@ -83,3 +83,20 @@ def test_provider_headers_are_secrets_never_printed() -> None:
     assert "AZ-SECRET" not in repr(settings) and "AZ-SECRET" not in str(settings.model_dump())
     provider = providers_from_settings(settings, None)["azure"]
     assert provider._headers["api-key"] == "AZ-SECRET"  # what the upstream is sent
+
+
+def test_a_toml_file_on_python_3_10_without_tomli_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    from gate_middleware import ConfigurationError
+
+    config = tmp_path / "gate.toml"
+    config.write_text('api_keys = ["k"]\n')
+    monkeypatch.setenv("GATE_CONFIG_FILE", str(config))
+    assert GateSettings().api_keys[0].get_secret_value() == "k"
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14))
+    monkeypatch.setitem(sys.modules, "tomli", None)  # not installed
+    with pytest.raises(ConfigurationError, match="tomli"):
+        GateSettings()

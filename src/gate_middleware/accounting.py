@@ -7,6 +7,7 @@ also those refused before any call). The gateway builds it when a database is se
 
 from __future__ import annotations
 
+import logging
 import time
 
 from .accounts import AccountKeys, Accounts, model_allowed
@@ -22,6 +23,8 @@ from .settings import GateSettings
 from .storage import Spend, Storage
 
 __all__ = ["Accounting"]
+
+logger = logging.getLogger("gate_middleware")
 
 
 class Accounting:
@@ -74,7 +77,13 @@ class Accounting:
     def price(self, model_id: str | None) -> Price | None:
         if model_id not in self._prices:
             entry = self._catalogue.resolve(model_id) if model_id else None
-            self._prices[model_id] = price_of(entry) if entry else None
+            price = self._prices[model_id] = price_of(entry) if entry else None
+            if entry is not None and price is None and not self._reject_unpriced:
+                logger.warning(
+                    "The model %s has no price: it is served at zero cost "
+                    "(GATE_UNPRICED_MODELS=free). Give it a price in GATE_MODELS.",
+                    model_id,
+                )
         return self._prices[model_id]
 
     # Guard -------------------------------------------------------------------------

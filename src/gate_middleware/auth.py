@@ -104,7 +104,7 @@ def bearer_key(headers: Mapping[str, str]) -> str:
     raise AuthenticationError(
         "You didn't provide an API key. Send it in the Authorization header "
         "as 'Authorization: Bearer YOUR_KEY'.",
-        code="missing_api_key",
+        code="invalid_api_key",
     )
 
 

@@ -8,6 +8,7 @@ file named by `GATE_CONFIG_FILE` is read under the environment, which wins.
 from __future__ import annotations
 
 import os
+import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from .errors import ConfigurationError
 
 __all__ = [
     "DeploymentSettings",
@@ -244,7 +247,21 @@ class GateSettings(BaseSettings):
         if config_file:
             path = Path(config_file)
             if path.suffix == ".toml":
+                _check_toml()
                 sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
             else:
                 sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
         return tuple(sources)
+
+
+def _check_toml() -> None:
+    """Python 3.10 has no TOML reader of its own: say so, not an ImportError."""
+    if sys.version_info >= (3, 11):
+        return
+    try:
+        import tomli  # noqa: F401
+    except ImportError:
+        raise ConfigurationError(
+            "GATE_CONFIG_FILE names a TOML file, which needs Python 3.11 or later, or "
+            "'pip install tomli' on 3.10. A JSON file works everywhere."
+        ) from None
