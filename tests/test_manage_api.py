@@ -16,7 +16,7 @@ from gate_middleware.demo import create_app
 from gate_middleware.testing import FakeUpstream
 from gate_middleware.tokens import estimate_prompt_tokens
 
-from .conftest import ADMIN_KEY, BACKENDS, make_billing_gateway, mounted
+from .conftest import ADMIN_KEY, BACKENDS, fund, make_billing_gateway, mounted
 
 MESSAGES = [{"role": "user", "content": "Count my money."}]
 COST = estimate_prompt_tokens({"messages": MESSAGES}) * 2000 + 4 * 8000  # gpt-4.1, max_tokens=4
@@ -313,3 +313,46 @@ async def test_billing_without_the_v1_prefix(tmp_path: Any) -> None:
                 ),
                 401,
             )
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_a_key_cannot_change_its_own_account_or_keys(
+    gateway: Gateway, admin: httpx2.AsyncClient
+) -> None:
+    """An account's keys are its parent's (or the admin's) to write: else a key could
+    lift its own limits, price itself at a thousandth or disable its siblings."""
+    account, secret = await fund(
+        gateway, "5", key={"spend_limit_usd": "0.01", "allowed_models": ["openai/gpt-4.1-mini"]}
+    )
+    sibling = await ok(await admin.post(f"/v1/accounts/{account}/keys", json={"name": "s"}), 201)
+    async with client(mounted(gateway), secret) as own:
+        keys = (await ok(await own.get(f"/v1/accounts/{account}/keys")))["data"]
+        mine = next(k for k in keys if k["id"] != sibling["id"])
+        for attempt in (
+            own.post(f"/v1/accounts/{account}/keys", json={"name": "free", "multiplier": 0.001}),
+            own.patch(f"/v1/keys/{mine['id']}", json={"multiplier": 0.001}),
+            own.patch(
+                f"/v1/keys/{mine['id']}", json={"spend_limit_usd": None, "allowed_models": None}
+            ),
+            own.patch(f"/v1/keys/{sibling['id']}", json={"enabled": False}),
+            own.delete(f"/v1/keys/{sibling['id']}"),
+            own.patch(f"/v1/accounts/{account}", json={"multiplier": 0.001}),
+        ):
+            assert_error(await attempt, 403, "permission_denied")
+        # Nothing changed: still the one key and its sibling, with their limits.
+        after = {
+            k["id"]: k for k in (await ok(await own.get(f"/v1/accounts/{account}/keys")))["data"]
+        }
+        assert set(after) == {mine["id"], sibling["id"]}
+        assert after[mine["id"]] == mine and after[sibling["id"]]["enabled"] is True
+        assert (await ok(await own.get("/v1/key")))["data"]["limit"] == 0.01
+        assert_error(await chat(own), 403, "model_not_allowed")
+
+        # Below its own account it still manages everything.
+        child = await ok(await own.post("/v1/accounts", json={"name": "C"}), 201)
+        key = await ok(await own.post(f"/v1/accounts/{child['id']}/keys", json={"name": "k"}), 201)
+        patched = await ok(await own.patch(f"/v1/keys/{key['id']}", json={"multiplier": 2}))
+        assert patched["multiplier"] == "2"
+        assert (await ok(await own.delete(f"/v1/keys/{key['id']}")))["enabled"] is False
+    # And the admin manages the top-level account's keys.
+    assert (await ok(await admin.delete(f"/v1/keys/{sibling['id']}")))["enabled"] is False

@@ -320,9 +320,10 @@ class Accounts:
         if actor.account_id not in ids:
             raise NotFoundError(f"No account '{account_id}'.", code="account_not_found")
         if write and account_id == actor.account_id:
+            # Its own keys too: else a key could lift its own limits or price.
             raise PermissionDeniedError(
-                "An account cannot change its own balance or limits; its parent (or the "
-                "admin) does."
+                "An account cannot change its own balance, limits or keys; its parent "
+                "account (or the admin) does."
             )
         return chain[-1]
 
@@ -370,7 +371,7 @@ class Accounts:
     async def create_key(
         self, actor: Principal, account_id: str, body: Mapping[str, Any]
     ) -> tuple[ApiKey, str]:
-        account = await self.get(actor, account_id)
+        account = await self.get(actor, account_id, write=True)
         fields = parse_fields(body, creating=True)
         _within_parent(fields, account)
         secret, prefix, hashed = new_key()
@@ -385,18 +386,19 @@ class Accounts:
         await self.storage.add_key(key)
         return key, secret
 
-    async def key(self, actor: Principal, key_id: str) -> ApiKey:
+    async def key(self, actor: Principal, key_id: str, *, write: bool = False) -> ApiKey:
+        """The key, if the actor may see it (or change it, with `write`)."""
         key = await self.storage.key(key_id)
         if key is None:
             raise NotFoundError(f"No key '{key_id}'.", code="key_not_found")
         try:
-            await self.get(actor, key.account_id)
+            await self.get(actor, key.account_id, write=write)
         except NotFoundError:
             raise NotFoundError(f"No key '{key_id}'.", code="key_not_found") from None
         return key
 
     async def update_key(self, actor: Principal, key_id: str, body: Mapping[str, Any]) -> ApiKey:
-        key = await self.key(actor, key_id)
+        key = await self.key(actor, key_id, write=True)
         fields = parse_fields(body, creating=False)
         account = await self.storage.account(key.account_id)
         assert account is not None
