@@ -356,3 +356,28 @@ async def test_a_key_cannot_change_its_own_account_or_keys(
         assert (await ok(await own.delete(f"/v1/keys/{key['id']}")))["enabled"] is False
     # And the admin manages the top-level account's keys.
     assert (await ok(await admin.delete(f"/v1/keys/{sibling['id']}")))["enabled"] is False
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_top_ups_of_children_add_up_to_what_the_parent_has(gateway: Gateway) -> None:
+    parent, secret = await fund(gateway, "1")
+    async with client(mounted(gateway), secret) as http:
+        child = await ok(await http.post("/v1/accounts", json={"name": "C"}), 201)
+        topups = f"/v1/accounts/{child['id']}/topups"
+        assert (await ok(await http.post(topups, json={"amount_usd": "0.6"}), 201))[
+            "credits_usd"
+        ] == 0.6
+        refused = await http.post(topups, json={"amount_usd": "0.6"})
+        assert_error(refused, 400, "insufficient_parent_balance")
+        assert "0.4 USD left to give" in refused.json()["error"]["message"]
+        await ok(await http.post(topups, json={"amount_usd": "0.4"}), 201)
+        assert_error(await http.post(topups, json={"amount_usd": "0.01"}), 400)
+        key = (
+            await ok(await http.post(f"/v1/accounts/{child['id']}/keys", json={"name": "k"}), 201)
+        )["key"]
+        assert (await ok(await http.get(f"/v1/accounts/{parent}")))["credits_usd"] == 1.0
+    async with client(mounted(gateway), key) as http:
+        credits = await ok(await http.get("/v1/credits"))
+        assert credits["data"]["total_credits"] == 1.0
+        subscription = await ok(await http.get("/v1/dashboard/billing/subscription"))
+        assert subscription["hard_limit_usd"] == 1.0

@@ -29,6 +29,7 @@ __all__ = [
     "group_key",
     "ledger_values",
     "matches",
+    "parent_short",
     "settable",
 ]
 
@@ -94,6 +95,14 @@ def group_key(group_by: str) -> str:
 
 def day_of(created: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(created))
+
+
+def parent_short(left: int) -> StorageConflict:
+    """A parent topping up a child with more than it has left to give."""
+    return StorageConflict(
+        f"The parent account has {Decimal(max(left, 0)) / 10**9:f} USD left to give: its "
+        "balance less what its sub-accounts hold unspent."
+    )
 
 
 def check_spend_limit(limit: int | None, committed: int) -> None:

@@ -228,8 +228,11 @@ class BalanceStore(Protocol):
         """Add `row.amount` to the account's credits and append the row, atomically.
 
         Refused (`StorageConflict`) if the account would be left with a negative
-        available balance, or if `within` names an account whose available balance is
-        smaller than a positive amount (a parent topping up a child).
+        available balance, or if `within` names the account's parent and a positive
+        amount is more than the parent has left to give: its budget, less its `spent`,
+        less what its children hold unspent (`credits - spent` of each, this account's
+        included). The check and the credit are one transaction, and top-ups under the
+        same parent do not interleave.
         """
 
     async def lease(
