@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import httpx2
@@ -381,3 +382,34 @@ async def test_top_ups_of_children_add_up_to_what_the_parent_has(gateway: Gatewa
         assert credits["data"]["total_credits"] == 1.0
         subscription = await ok(await http.get("/v1/dashboard/billing/subscription"))
         assert subscription["hard_limit_usd"] == 1.0
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+async def test_an_idle_lease_does_not_block_a_lower_spend_limit(
+    gateway: Gateway, admin: httpx2.AsyncClient
+) -> None:
+    """A process leases $1 slices; one left idle after a request is given back, not
+    counted as spent. Money another process holds is, and the message says so."""
+    account, secret = await fund(gateway, "5", key={"spend_limit_usd": "2"})
+    async with client(mounted(gateway), secret) as http:
+        assert (await chat(http)).status_code == 200
+        [key] = (await ok(await http.get(f"/v1/accounts/{account}/keys")))["data"]
+        held = await ok(await admin.get(f"/v1/accounts/{account}"))
+        assert held["held_usd"] > 0.5  # the rest of this process's slice
+        for path in (f"/v1/accounts/{account}", f"/v1/keys/{key['id']}"):
+            changed = await ok(await admin.patch(path, json={"spend_limit_usd": "0.5"}))
+            assert changed["spend_limit_usd"] == 0.5
+        # Another process takes 0.3 USD of what is left, this one the rest.
+        assert gateway.accounting is not None
+        other = await gateway.accounting.storage.lease(
+            "account", account, need=300_000_000, want=300_000_000, owner="p2", expires_at=2e9
+        )
+        assert other is not None
+        assert (await chat(http)).status_code == 200
+
+        refused = await admin.patch(f"/v1/accounts/{account}", json={"spend_limit_usd": "0.2"})
+        assert_error(refused, 400, "below_spent")
+        message = refused.json()["error"]["message"]
+        spent = Decimal(2 * COST) / 10**9
+        assert f"already spent ({spent} USD)" in message and "hold to spend (0.3 USD)" in message
+        assert (await ok(await admin.get(f"/v1/accounts/{account}")))["spend_limit_usd"] == 0.5

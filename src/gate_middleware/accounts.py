@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .auth import Level, Principal, StaticKeys
 from .errors import (
@@ -28,7 +28,10 @@ from .errors import (
     PermissionDeniedError,
 )
 from .pricing import nanos_from_usd
-from .storage import Account, ApiKey, LedgerRow, Storage, StorageConflict
+from .storage import Account, ApiKey, LedgerRow, Storage, StorageConflict, Target
+
+if TYPE_CHECKING:
+    from .quota import LeaseBook
 
 __all__ = ["AccountKeys", "Accounts", "model_allowed", "new_key"]
 
@@ -300,10 +303,18 @@ def parse_fields(body: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
 class Accounts:
     """Account and key operations on behalf of a caller, with the scope checks."""
 
-    def __init__(self, storage: Storage, *, max_credit: int, on_change: Any = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        max_credit: int,
+        on_change: Any = None,
+        leases: LeaseBook | None = None,
+    ) -> None:
         self.storage = storage
         self._max_credit = max_credit
         self._on_change = on_change
+        self._leases = leases
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -363,6 +374,7 @@ class Accounts:
             parent = await self.storage.account(account.parent_id)
             assert parent is not None
             _within_parent(fields, parent)
+        await self._give_back_idle(fields, "account", account_id)
         with _below_spent():
             updated = await self.storage.update_account(account_id, fields)
         self._changed()
@@ -403,10 +415,18 @@ class Accounts:
         account = await self.storage.account(key.account_id)
         assert account is not None
         _within_parent(fields, account)
+        await self._give_back_idle(fields, "key", key_id)
         with _below_spent():
             updated = await self.storage.update_key(key_id, fields)
         self._changed()
         return updated
+
+    async def _give_back_idle(self, fields: Mapping[str, Any], target: Target, id: str) -> None:
+        """A spend limit cannot go below what is spent and leased: this process's
+        leases that no request holds from go back first (other processes' go back
+        when idle, within a third of the lease time)."""
+        if "spend_limit" in fields and self._leases is not None:
+            await self._leases.give_back(target, id)
 
     async def credit(
         self, actor: Principal, account_id: str, body: Mapping[str, Any], *, kind: str

@@ -100,16 +100,27 @@ def day_of(created: float) -> str:
 def parent_short(left: int) -> StorageConflict:
     """A parent topping up a child with more than it has left to give."""
     return StorageConflict(
-        f"The parent account has {Decimal(max(left, 0)) / 10**9:f} USD left to give: its "
+        f"The parent account has {_usd(max(left, 0))} USD left to give: its "
         "balance less what its sub-accounts hold unspent."
     )
 
 
-def check_spend_limit(limit: int | None, committed: int) -> None:
-    if limit is not None and limit < committed:
-        raise StorageConflict(
-            "The spend limit would be below what is already spent or held by running requests."
+def check_spend_limit(limit: int | None, spent: int, leased: int) -> None:
+    """A limit below `spent + leased` would let the leases spend past it."""
+    if limit is None or limit >= spent + leased:
+        return
+    message = f"The spend limit would be below what is already spent ({_usd(spent)} USD)"
+    if leased:
+        message += (
+            f" plus what gateway processes hold to spend ({_usd(leased)} USD); a process "
+            "gives back what it holds unused within about a third of the lease time "
+            "(GATE_QUOTA_LEASE_SECONDS) of its last request"
         )
+    raise StorageConflict(message + ".")
+
+
+def _usd(nanos: int) -> str:
+    return f"{Decimal(nanos) / 10**9:f}"
 
 
 def settable(changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -192,7 +192,7 @@ class AccountStore(Protocol):
         """Direct children, or the top-level accounts for None."""
 
     async def update_account(self, account_id: str, changes: Mapping[str, Any]) -> Account:
-        """Set fields (not balances); `StorageConflict` if `spend_limit < spent`."""
+        """Set fields (not balances); `StorageConflict` if `spend_limit < spent + leased`."""
 
     async def add_key(self, key: ApiKey) -> None: ...
 
@@ -203,7 +203,7 @@ class AccountStore(Protocol):
     async def keys(self, account_id: str) -> list[ApiKey]: ...
 
     async def update_key(self, key_id: str, changes: Mapping[str, Any]) -> ApiKey:
-        """Set fields (not balances); `StorageConflict` if `spend_limit < spent`."""
+        """Set fields (not balances); `StorageConflict` if `spend_limit < spent + leased`."""
 
 
 @runtime_checkable

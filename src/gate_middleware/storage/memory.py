@@ -231,6 +231,6 @@ def _available(holder: Account | ApiKey) -> int:
 def _set(holder: Account | ApiKey, changes: Mapping[str, Any]) -> None:
     changes = settable(changes)
     if "spend_limit" in changes:
-        check_spend_limit(changes["spend_limit"], holder.spent + holder.leased)
+        check_spend_limit(changes["spend_limit"], holder.spent, holder.leased)
     for name, value in changes.items():
         setattr(holder, name, value)

@@ -216,13 +216,13 @@ class PostgresStorage:
     async def _update(self, table: str, row_id: str, changes: Mapping[str, Any]) -> None:
         changes = settable(changes)
         async with self._pool.acquire() as conn, conn.transaction():
-            committed = await conn.fetchval(
-                f"SELECT spent + leased FROM {table} WHERE id = $1 FOR UPDATE", row_id
+            found = await conn.fetchrow(
+                f"SELECT spent, leased FROM {table} WHERE id = $1 FOR UPDATE", row_id
             )
-            if committed is None:
+            if found is None:
                 raise StorageConflict(f"{row_id!r} does not exist.")
             if "spend_limit" in changes:
-                check_spend_limit(changes["spend_limit"], committed)
+                check_spend_limit(changes["spend_limit"], *found)
             if changes:
                 assignments = ", ".join(f"{n} = ${i}" for i, n in enumerate(changes, 2))
                 values = [encode(n, v) for n, v in changes.items()]

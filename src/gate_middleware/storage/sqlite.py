@@ -250,12 +250,12 @@ class SQLiteStorage:
 
         def update(conn: sqlite3.Connection) -> None:
             found = conn.execute(
-                f"SELECT spent + leased FROM {table} WHERE id = ?", (row_id,)
+                f"SELECT spent, leased FROM {table} WHERE id = ?", (row_id,)
             ).fetchone()
             if found is None:
                 raise StorageConflict(f"{row_id!r} does not exist.")
             if "spend_limit" in changes:
-                check_spend_limit(changes["spend_limit"], found[0])
+                check_spend_limit(changes["spend_limit"], *found)
             if changes:
                 assignments = ", ".join(f"{name} = ?" for name in changes)
                 values = [encode(n, v) for n, v in changes.items()]
