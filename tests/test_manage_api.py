@@ -413,3 +413,72 @@ async def test_an_idle_lease_does_not_block_a_lower_spend_limit(
         spent = Decimal(2 * COST) / 10**9
         assert f"already spent ({spent} USD)" in message and "hold to spend (0.3 USD)" in message
         assert (await ok(await admin.get(f"/v1/accounts/{account}")))["spend_limit_usd"] == 0.5
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+async def test_values_no_backend_holds_are_400_on_every_backend(
+    upstream: FakeUpstream, database_url: str
+) -> None:
+    """Numbers past what PostgreSQL holds, times past the year 9999, non-ASCII digits and
+    NUL characters were a 500 on some backends (a torn CSV for one); now the same 400
+    (or 404 for an id) everywhere, and nothing is written."""
+    gateway = make_billing_gateway(upstream, database_url, max_credit_usd="9000000000")
+    async with gateway:
+        account, secret = await fund(gateway, "5")
+        async with client(mounted(gateway), ADMIN_KEY) as admin:
+            await check_writes(admin, account)
+        async with client(mounted(gateway), secret) as http:
+            await check_reads(http)
+
+
+async def check_writes(admin: httpx2.AsyncClient, account: str) -> None:
+    [key] = (await ok(await admin.get(f"/v1/accounts/{account}/keys")))["data"]
+    writes = [
+        ("/v1/accounts", {"name": "X", "spend_limit_usd": "1e30"}, "spend_limit_usd"),
+        ("/v1/accounts", {"name": "X", "rpm": 2**63 + 1}, "rpm"),
+        ("/v1/accounts", {"name": "X", "tpm": 2**31}, "tpm"),
+        ("/v1/accounts", {"name": "X", "expires_at": 1e300}, "expires_at"),
+        ("/v1/accounts", {"name": "X", "expires_at": -1.0}, "expires_at"),
+        ("/v1/accounts", {"name": "X\x00"}, "name"),
+        (f"/v1/accounts/{account}/keys", {"name": "k", "expires_at": 1e300}, "expires_at"),
+        (f"/v1/accounts/{account}/topups", {"amount_usd": "1e999999999"}, "amount_usd"),
+        (f"/v1/accounts/{account}/topups", {"amount_usd": 1, "note": "\x00"}, "note"),
+    ]
+    for path, body, param in writes:
+        refused = await admin.post(path, json=body)
+        assert_error(refused, 400)
+        assert refused.json()["error"]["param"] == param
+    assert_error(await admin.patch(f"/v1/keys/{key['id']}", json={"expires_at": 1e300}), 400)
+    # The credits themselves stay within what the database holds.
+    topups = f"/v1/accounts/{account}/topups"
+    await ok(await admin.post(topups, json={"amount_usd": "9000000000"}), 201)
+    assert_error(await admin.post(topups, json={"amount_usd": "9000000000"}), 400)
+    assert len((await ok(await admin.get("/v1/accounts")))["data"]) == 1
+    assert len((await ok(await admin.get(f"/v1/accounts/{account}/keys")))["data"]) == 1
+    assert (await ok(await admin.get(f"/v1/accounts/{account}")))["credits_usd"] == 9e9 + 5
+
+
+async def check_reads(http: httpx2.AsyncClient) -> None:
+    reads = [
+        ("/v1/usage", {"start_date": "1e300"}, "start_date"),
+        ("/v1/usage", {"end_date": "inf"}, "end_date"),
+        ("/v1/ledger", {"start_date": "nan"}, "start_date"),
+        ("/v1/dashboard/billing/usage", {"start_date": "-inf"}, "start_date"),
+        ("/v1/ledger", {"status": "99999999999999999999"}, "status"),
+        ("/v1/ledger", {"cursor": "99999999999999999999"}, "cursor"),
+        ("/v1/ledger", {"limit": "9" * 5000}, "limit"),
+        ("/v1/ledger", {"status": "\u00b2"}, "status"),
+        ("/v1/ledger", {"limit": "\u00b2"}, "limit"),
+        ("/v1/ledger", {"cursor": "\u00b2"}, "cursor"),
+        ("/v1/ledger", {"model": "\x00"}, "model"),
+        ("/v1/ledger.csv", {"status": "99999999999999999999"}, "status"),
+        ("/v1/ledger.csv", {"cursor": "99999999999999999999"}, "cursor"),
+    ]
+    for path, params, param in reads:
+        refused = await http.get(path, params=params)
+        assert_error(refused, 400)
+        assert refused.json()["error"]["param"] == param
+    for path in ("/v1/accounts/%00", "/v1/keys/%00", "/v1/generation?id=%00"):
+        assert_error(await http.get(path), 404)
+    last = await ok(await http.get("/v1/ledger", params={"cursor": str(2**63 - 1)}))
+    assert [row["kind"] for row in last["data"]] == ["topup", "topup"]

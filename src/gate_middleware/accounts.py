@@ -27,8 +27,9 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from .pricing import nanos_from_usd
+from .pricing import NANOS_PER_USD, nanos_from_usd
 from .storage import Account, ApiKey, LedgerRow, Storage, StorageConflict, Target
+from .storage._common import MAX_BIGINT, MAX_INTEGER, MAX_TIME
 
 if TYPE_CHECKING:
     from .quota import LeaseBook
@@ -212,17 +213,19 @@ class AccountKeys:
 def _positive_int(name: str, value: Any) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidRequestError(f"'{name}' must be a positive integer or null.", param=name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INTEGER:
+        raise InvalidRequestError(
+            f"'{name}' must be a positive integer (at most {MAX_INTEGER}) or null.", param=name
+        )
     return value
 
 
-def _usd(name: str, value: Any, *, negative: bool = False, cap: int | None = None) -> int:
+def _usd(name: str, value: Any, *, negative: bool = False, cap: int = MAX_BIGINT) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidRequestError(f"'{name}' must be an amount in USD.", param=name)
     try:
         nanos = nanos_from_usd(value)
-    except (ValueError, InvalidOperation):
+    except (ValueError, ArithmeticError):  # decimal's InvalidOperation and Overflow
         raise InvalidRequestError(
             f"'{name}' must be an amount in USD with at most 9 decimals.", param=name
         ) from None
@@ -230,11 +233,21 @@ def _usd(name: str, value: Any, *, negative: bool = False, cap: int | None = Non
         raise InvalidRequestError(
             f"'{name}' must be {'non-zero' if negative else 'positive'}.", param=name
         )
-    if cap is not None and abs(nanos) > cap:
-        raise InvalidRequestError(
-            f"'{name}' is larger than this gateway allows in one entry.", param=name
-        )
+    most = min(cap, MAX_BIGINT)
+    if abs(nanos) > most:
+        limit = Decimal(most) / NANOS_PER_USD
+        raise InvalidRequestError(f"'{name}' must be at most {limit:f} USD.", param=name)
     return nanos
+
+
+def _text(name: str, value: Any, longest: int) -> str:
+    # PostgreSQL cannot store a NUL character: refused alike on every backend.
+    if not isinstance(value, str) or len(value) > longest or "\x00" in value:
+        raise InvalidRequestError(
+            f"'{name}' must be a string of at most {longest} characters, without NUL.",
+            param=name,
+        )
+    return value
 
 
 def parse_fields(body: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
@@ -255,19 +268,24 @@ def parse_fields(body: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
         )
     fields: dict[str, Any] = {}
     if "name" in body or creating:
-        name = body.get("name")
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        name = _text("name", body.get("name"), 200).strip()
+        if not name:
             raise InvalidRequestError("'name' must be a non-empty string.", param="name")
-        fields["name"] = name.strip()
+        fields["name"] = name
     if "enabled" in body:
         if not isinstance(body["enabled"], bool):
             raise InvalidRequestError("'enabled' must be a boolean.", param="enabled")
         fields["enabled"] = body["enabled"]
     if "expires_at" in body:
         value = body["expires_at"]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value <= MAX_TIME  # NaN and infinities too
+        ):
             raise InvalidRequestError(
-                "'expires_at' must be a Unix time in seconds or null.", param="expires_at"
+                "'expires_at' must be a Unix time in seconds (up to the year 9999) or null.",
+                param="expires_at",
             )
         fields["expires_at"] = None if value is None else float(value)
     if "allowed_models" in body:
@@ -322,7 +340,8 @@ class Accounts:
 
     async def get(self, actor: Principal, account_id: str, *, write: bool = False) -> Account:
         """The account, if the actor may see it (or change it, with `write`)."""
-        chain = await self.storage.chain(account_id)
+        # No id has a NUL character, and PostgreSQL cannot even compare one.
+        chain = await self.storage.chain(account_id) if "\x00" not in account_id else []
         if not chain:
             raise NotFoundError(f"No account '{account_id}'.", code="account_not_found")
         if actor.admin:
@@ -400,7 +419,7 @@ class Accounts:
 
     async def key(self, actor: Principal, key_id: str, *, write: bool = False) -> ApiKey:
         """The key, if the actor may see it (or change it, with `write`)."""
-        key = await self.storage.key(key_id)
+        key = await self.storage.key(key_id) if "\x00" not in key_id else None
         if key is None:
             raise NotFoundError(f"No key '{key_id}'.", code="key_not_found")
         try:
@@ -444,9 +463,12 @@ class Accounts:
             "amount_usd", body["amount_usd"], negative=kind == "adjustment", cap=self._max_credit
         )
         note = body.get("note")
-        if note is not None and (not isinstance(note, str) or len(note) > 500):
+        if note is not None:
+            _text("note", note, 500)
+        if account.credits + amount > MAX_BIGINT:
             raise InvalidRequestError(
-                "'note' must be a string (500 characters at most).", param="note"
+                "The account's credits would be more than this gateway can hold.",
+                param="amount_usd",
             )
         row = LedgerRow(
             id=f"{kind}_{uuid.uuid4().hex}",

@@ -18,6 +18,9 @@ __all__ = [
     "GROUPS",
     "KEY_COLUMNS",
     "LEDGER_COLUMNS",
+    "MAX_BIGINT",
+    "MAX_INTEGER",
+    "MAX_TIME",
     "MIGRATIONS",
     "check_spend_limit",
     "day_of",
@@ -32,6 +35,13 @@ __all__ = [
     "parent_short",
     "settable",
 ]
+
+# The most every built-in backend holds: PostgreSQL's BIGINT (money, ledger positions)
+# and INTEGER (limits), and times that render as dates (the last second of year 9999).
+# Input is checked against them, so all backends answer a value too large the same.
+MAX_BIGINT = 2**63 - 1
+MAX_INTEGER = 2**31 - 1
+MAX_TIME = 253_402_300_799.0
 
 # Balances change only through credit/lease/write; ids never change.
 FIELDS_NOT_SETTABLE = frozenset(
