@@ -482,3 +482,15 @@ async def check_reads(http: httpx2.AsyncClient) -> None:
         assert_error(await http.get(path), 404)
     last = await ok(await http.get("/v1/ledger", params={"cursor": str(2**63 - 1)}))
     assert [row["kind"] for row in last["data"]] == ["topup", "topup"]
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_a_time_stored_before_input_was_bounded_still_shows(gateway: Gateway) -> None:
+    account, secret = await fund(gateway, "1")
+    assert gateway.accounting is not None
+    storage = gateway.accounting.storage
+    [key] = await storage.keys(account)
+    await storage.update_key(key.id, {"expires_at": 1e300})
+    async with client(mounted(gateway), secret) as http:
+        shown = await ok(await http.get("/v1/key"))
+        assert shown["data"]["expires_at"] == "9999-12-31T23:59:59Z"

@@ -34,8 +34,8 @@ _DAY = 86_400
 
 
 def parse_date(request: Request, name: str) -> float | None:
-    """A `YYYY-MM-DD` (UTC midnight) or Unix-seconds query parameter: seconds from 1970
-    to the year 9999, as only those render as dates (`1e300` or `inf` did not)."""
+    """A `YYYY-MM-DD` (UTC midnight) or Unix-seconds query parameter; seconds from 0 to
+    the end of the year 9999, as only those render as dates (`1e300` or `inf` did not)."""
     value = request.query_params.get(name)
     if value is None or value == "":
         return None
@@ -62,6 +62,9 @@ def _bad_date(name: str) -> InvalidRequestError:
 
 
 def iso(seconds: float) -> str:
+    # A time stored before input was bounded (an `expires_at` of 1e300) shows as the
+    # nearest one a date can show.
+    seconds = min(max(seconds, 0.0), MAX_TIME)
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
