@@ -494,3 +494,46 @@ async def test_a_time_stored_before_input_was_bounded_still_shows(gateway: Gatew
     async with client(mounted(gateway), secret) as http:
         shown = await ok(await http.get("/v1/key"))
         assert shown["data"]["expires_at"] == "9999-12-31T23:59:59Z"
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_billing_and_management_answers_carry_the_request_id(
+    upstream: FakeUpstream, database_url: str
+) -> None:
+    gateway = make_billing_gateway(upstream, database_url, cors_origins=["*"])
+    async with gateway:
+        account, secret = await fund(gateway, "5")
+        async with client(mounted(gateway), secret) as http:
+            first = await chat(http)
+            paths = [
+                "/v1/key",
+                "/v1/credits",
+                f"/v1/generation?id={first.headers['x-request-id']}",
+                "/v1/dashboard/billing/subscription",
+                "/v1/dashboard/billing/usage",
+                "/v1/usage",
+                "/v1/ledger",
+                "/v1/ledger.csv",
+                "/v1/openapi.json",
+                "/v1/accounts",
+                f"/v1/accounts/{account}",
+                f"/v1/accounts/{account}/keys",
+            ]
+            for path in paths:
+                answer = await http.get(path, headers={"x-request-id": "mine-1"})
+                assert answer.status_code == 200, path
+                assert answer.headers["x-request-id"] == "mine-1", path
+                assert (await http.get(path)).headers["x-request-id"].startswith("req_"), path
+            created = await http.post("/v1/accounts", json={"name": "C"})
+            assert created.status_code == 201 and created.headers["x-request-id"]
+            preflight = await http.options(
+                "/v1/chat/completions",
+                headers={
+                    "origin": "http://app.test",
+                    "access-control-request-method": "POST",
+                    "x-request-id": "mine-2",
+                },
+            )
+            assert preflight.status_code == 200
+            assert preflight.headers["x-request-id"] == "mine-2"
+            assert preflight.headers["access-control-allow-origin"] == "*"

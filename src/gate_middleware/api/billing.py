@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .._context import named
 from ..errors import InvalidRequestError, NotFoundError
 from ..pricing import NANOS_PER_USD, usd
 from ..storage import Account, LedgerQuery, LedgerRow
@@ -213,9 +214,9 @@ def generation_view(row: LedgerRow) -> dict[str, Any]:
 
 def billing_routes(billing: BillingAPI) -> list[Route]:
     return [
-        Route("/dashboard/billing/subscription", billing.subscription, methods=["GET"]),
-        Route("/dashboard/billing/usage", billing.usage, methods=["GET"]),
-        Route("/key", billing.key, methods=["GET"]),
-        Route("/credits", billing.credits, methods=["GET"]),
-        Route("/generation", billing.generation, methods=["GET"]),
+        Route("/dashboard/billing/subscription", named(billing.subscription), methods=["GET"]),
+        Route("/dashboard/billing/usage", named(billing.usage), methods=["GET"]),
+        Route("/key", named(billing.key), methods=["GET"]),
+        Route("/credits", named(billing.credits), methods=["GET"]),
+        Route("/generation", named(billing.generation), methods=["GET"]),
     ]

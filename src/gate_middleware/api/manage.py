@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .._context import named
 from ..errors import InvalidRequestError
 from ..pricing import usd
 from ..storage import Account, ApiKey, LedgerQuery, LedgerRow
@@ -309,19 +310,19 @@ class ManageAPI:
 
 def manage_routes(manage: ManageAPI) -> list[Route]:
     return [
-        Route("/accounts", manage.list_accounts, methods=["GET"]),
-        Route("/accounts", manage.create_account, methods=["POST"]),
-        Route("/accounts/{account_id}", manage.get_account, methods=["GET"]),
-        Route("/accounts/{account_id}", manage.update_account, methods=["PATCH"]),
-        Route("/accounts/{account_id}/topups", manage.credit, methods=["POST"]),
-        Route("/accounts/{account_id}/adjustments", manage.credit, methods=["POST"]),
-        Route("/accounts/{account_id}/keys", manage.list_keys, methods=["GET"]),
-        Route("/accounts/{account_id}/keys", manage.create_key, methods=["POST"]),
-        Route("/keys/{key_id}", manage.get_key, methods=["GET"]),
-        Route("/keys/{key_id}", manage.update_key, methods=["PATCH"]),
-        Route("/keys/{key_id}", manage.disable_key, methods=["DELETE"]),
-        Route("/usage", manage.overview, methods=["GET"]),
-        Route("/ledger", manage.ledger, methods=["GET"]),
-        Route("/ledger.csv", manage.ledger_csv, methods=["GET"]),
-        Route("/openapi.json", manage.openapi, methods=["GET"]),
+        Route("/accounts", named(manage.list_accounts), methods=["GET"]),
+        Route("/accounts", named(manage.create_account), methods=["POST"]),
+        Route("/accounts/{account_id}", named(manage.get_account), methods=["GET"]),
+        Route("/accounts/{account_id}", named(manage.update_account), methods=["PATCH"]),
+        Route("/accounts/{account_id}/topups", named(manage.credit), methods=["POST"]),
+        Route("/accounts/{account_id}/adjustments", named(manage.credit), methods=["POST"]),
+        Route("/accounts/{account_id}/keys", named(manage.list_keys), methods=["GET"]),
+        Route("/accounts/{account_id}/keys", named(manage.create_key), methods=["POST"]),
+        Route("/keys/{key_id}", named(manage.get_key), methods=["GET"]),
+        Route("/keys/{key_id}", named(manage.update_key), methods=["PATCH"]),
+        Route("/keys/{key_id}", named(manage.disable_key), methods=["DELETE"]),
+        Route("/usage", named(manage.overview), methods=["GET"]),
+        Route("/ledger", named(manage.ledger), methods=["GET"]),
+        Route("/ledger.csv", named(manage.ledger_csv), methods=["GET"]),
+        Route("/openapi.json", named(manage.openapi), methods=["GET"]),
     ]
