@@ -286,6 +286,10 @@ async def test_ledger_pages_csv_and_openapi(gateway: Gateway, admin: httpx2.Asyn
             schema["openapi"].startswith("3.")
             and "/accounts/{account_id}/topups" in schema["paths"]
         )
+        # The schema states the bounds the API holds to (see the 400 test).
+        fields = schema["components"]["schemas"]["KeyCreate"]["properties"]
+        assert fields["rpm"]["maximum"] == 2**31 - 1
+        assert fields["expires_at"]["maximum"] == 253_402_300_799
 
 
 async def test_billing_without_the_v1_prefix(tmp_path: Any) -> None:
