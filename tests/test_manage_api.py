@@ -333,17 +333,15 @@ async def test_a_key_cannot_change_its_own_account_or_keys(
     async with client(mounted(gateway), secret) as own:
         keys = (await ok(await own.get(f"/v1/accounts/{account}/keys")))["data"]
         mine = next(k for k in keys if k["id"] != sibling["id"])
-        for attempt in (
-            own.post(f"/v1/accounts/{account}/keys", json={"name": "free", "multiplier": 0.001}),
-            own.patch(f"/v1/keys/{mine['id']}", json={"multiplier": 0.001}),
-            own.patch(
-                f"/v1/keys/{mine['id']}", json={"spend_limit_usd": None, "allowed_models": None}
-            ),
-            own.patch(f"/v1/keys/{sibling['id']}", json={"enabled": False}),
-            own.delete(f"/v1/keys/{sibling['id']}"),
-            own.patch(f"/v1/accounts/{account}", json={"multiplier": 0.001}),
+        for method, path, body in (
+            ("POST", f"/v1/accounts/{account}/keys", {"name": "free", "multiplier": 0.001}),
+            ("PATCH", f"/v1/keys/{mine['id']}", {"multiplier": 0.001}),
+            ("PATCH", f"/v1/keys/{mine['id']}", {"spend_limit_usd": None, "allowed_models": None}),
+            ("PATCH", f"/v1/keys/{sibling['id']}", {"enabled": False}),
+            ("DELETE", f"/v1/keys/{sibling['id']}", None),
+            ("PATCH", f"/v1/accounts/{account}", {"multiplier": 0.001}),
         ):
-            assert_error(await attempt, 403, "permission_denied")
+            assert_error(await own.request(method, path, json=body), 403, "permission_denied")
         # Nothing changed: still the one key and its sibling, with their limits.
         after = {
             k["id"]: k for k in (await ok(await own.get(f"/v1/accounts/{account}/keys")))["data"]
@@ -353,14 +351,50 @@ async def test_a_key_cannot_change_its_own_account_or_keys(
         assert (await ok(await own.get("/v1/key")))["data"]["limit"] == 0.01
         assert_error(await chat(own), 403, "model_not_allowed")
 
-        # Below its own account it still manages everything.
-        child = await ok(await own.post("/v1/accounts", json={"name": "C"}), 201)
-        key = await ok(await own.post(f"/v1/accounts/{child['id']}/keys", json={"name": "k"}), 201)
-        patched = await ok(await own.patch(f"/v1/keys/{key['id']}", json={"multiplier": 2}))
+    # Below its own account a key manages everything.
+    async with client(mounted(gateway), sibling["key"]) as manager:
+        child = await ok(await manager.post("/v1/accounts", json={"name": "C"}), 201)
+        key = await ok(
+            await manager.post(f"/v1/accounts/{child['id']}/keys", json={"name": "k"}), 201
+        )
+        patched = await ok(await manager.patch(f"/v1/keys/{key['id']}", json={"multiplier": 2}))
         assert patched["multiplier"] == "2"
-        assert (await ok(await own.delete(f"/v1/keys/{key['id']}")))["enabled"] is False
+        assert (await ok(await manager.delete(f"/v1/keys/{key['id']}")))["enabled"] is False
     # And the admin manages the top-level account's keys.
     assert (await ok(await admin.delete(f"/v1/keys/{sibling['id']}")))["enabled"] is False
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"spend_limit_usd": "0.01"},
+        {"allowed_models": ["openai/gpt-4.1-mini"]},
+        {"rpm": 2},
+        {"expires_at": 4e9},
+        {"multiplier": 2},
+    ],
+)
+async def test_a_key_with_limits_cannot_escape_them_through_a_sub_account(
+    gateway: Gateway, admin: httpx2.AsyncClient, limits: dict[str, Any]
+) -> None:
+    """A sub-account's keys spend the same account's money at the sub-account's own
+    limits, so a key with limits of its own only reads."""
+    account, secret = await fund(gateway, "5", key=limits)
+    child = await ok(
+        await admin.post("/v1/accounts", json={"name": "C", "parent_id": account}), 201
+    )
+    async with client(mounted(gateway), secret) as limited:
+        for method, path, body in (
+            ("POST", "/v1/accounts", {"name": "free"}),
+            ("POST", f"/v1/accounts/{child['id']}/topups", {"amount_usd": 1}),
+            ("POST", f"/v1/accounts/{child['id']}/keys", {"name": "free"}),
+            ("PATCH", f"/v1/accounts/{child['id']}", {"name": "mine"}),
+        ):
+            assert_error(await limited.request(method, path, json=body), 403, "permission_denied")
+        assert (await ok(await limited.get(f"/v1/accounts/{child['id']}")))["credits_usd"] == 0
+        assert len((await ok(await limited.get("/v1/accounts")))["data"]) == 1
+        assert (await ok(await limited.get(f"/v1/accounts/{child['id']}/keys")))["data"] == []
 
 
 @pytest.mark.parametrize("database_url", ["memory"], indirect=True)

@@ -355,7 +355,26 @@ class Accounts:
                 "An account cannot change its own balance, limits or keys; its parent "
                 "account (or the admin) does."
             )
+        if write:
+            await self._manager(actor)
         return chain[-1]
+
+    async def _manager(self, actor: Principal) -> None:
+        """A key with limits of its own only reads: a sub-account or key it made would
+        not be bound by them, and would spend the same account's money."""
+        key = await self.storage.key(actor.key_id) if actor.key_id else None
+        if key is not None and (
+            key.multiplier != 1
+            or any(
+                getattr(key, name) is not None
+                for name in ("expires_at", "allowed_models", "spend_limit", *_LIMITS)
+            )
+        ):
+            raise PermissionDeniedError(
+                "This key has limits of its own (a spend limit, models, rate limits, an "
+                "expiry or a multiplier), so it can read but not manage: what it made "
+                "would not be bound by them. Use a key of this account without limits."
+            )
 
     def home(self, actor: Principal) -> str:
         if actor.account_id is None:
@@ -374,6 +393,7 @@ class Accounts:
         fields = parse_fields(body, creating=True)
         if parent_id is not None:
             parent = await self.get(actor, parent_id)
+            await self._manager(actor)
             _within_parent(fields, parent)
         account = Account(
             id=f"acct_{uuid.uuid4().hex[:16]}",
