@@ -356,3 +356,41 @@ async def test_an_upstream_failing_never_shows_the_credentials_in_its_url() -> N
     assert "127.0.0.1:1" in response.text
     assert "s3cr3t" not in response.text and "K3Y" not in response.text
     assert "s3cr3t" not in repr(gateway.providers["openai"])
+
+
+@pytest.mark.parametrize(
+    ("length", "status"),
+    [("\u00b2".encode("latin-1"), 200), (b"9" * 5000, 413)],
+)
+async def test_an_odd_content_length_is_no_500(
+    gateway: Gateway, length: bytes, status: int
+) -> None:
+    """Behind a server that lets one through: "²" is read as no length, and 5000 digits are too
+    large (int() refuses to read them)."""
+    body = b'{"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}'
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/chat/completions",
+        "raw_path": b"/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("t", 80),
+        "client": ("c", 1),
+        "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-length", length)],
+    }
+    await gateway(scope, receive, send)
+    assert sent[0]["status"] == status

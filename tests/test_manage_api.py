@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import httpx2
@@ -16,7 +17,7 @@ from gate_middleware.demo import create_app
 from gate_middleware.testing import FakeUpstream
 from gate_middleware.tokens import estimate_prompt_tokens
 
-from .conftest import ADMIN_KEY, BACKENDS, make_billing_gateway, mounted
+from .conftest import ADMIN_KEY, BACKENDS, fund, make_billing_gateway, mounted
 
 MESSAGES = [{"role": "user", "content": "Count my money."}]
 COST = estimate_prompt_tokens({"messages": MESSAGES}) * 2000 + 4 * 8000  # gpt-4.1, max_tokens=4
@@ -285,6 +286,10 @@ async def test_ledger_pages_csv_and_openapi(gateway: Gateway, admin: httpx2.Asyn
             schema["openapi"].startswith("3.")
             and "/accounts/{account_id}/topups" in schema["paths"]
         )
+        # The schema states the bounds the API holds to (see the 400 test).
+        fields = schema["components"]["schemas"]["KeyCreate"]["properties"]
+        assert fields["rpm"]["maximum"] == 2**31 - 1
+        assert fields["expires_at"]["maximum"] == 253_402_300_799
 
 
 async def test_billing_without_the_v1_prefix(tmp_path: Any) -> None:
@@ -313,3 +318,260 @@ async def test_billing_without_the_v1_prefix(tmp_path: Any) -> None:
                 ),
                 401,
             )
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_a_key_cannot_change_its_own_account_or_keys(
+    gateway: Gateway, admin: httpx2.AsyncClient
+) -> None:
+    """An account's keys are its parent's (or the admin's) to write: else a key could
+    lift its own limits, price itself at a thousandth or disable its siblings."""
+    account, secret = await fund(
+        gateway, "5", key={"spend_limit_usd": "0.01", "allowed_models": ["openai/gpt-4.1-mini"]}
+    )
+    sibling = await ok(await admin.post(f"/v1/accounts/{account}/keys", json={"name": "s"}), 201)
+    async with client(mounted(gateway), secret) as own:
+        keys = (await ok(await own.get(f"/v1/accounts/{account}/keys")))["data"]
+        mine = next(k for k in keys if k["id"] != sibling["id"])
+        for method, path, body in (
+            ("POST", f"/v1/accounts/{account}/keys", {"name": "free", "multiplier": 0.001}),
+            ("PATCH", f"/v1/keys/{mine['id']}", {"multiplier": 0.001}),
+            ("PATCH", f"/v1/keys/{mine['id']}", {"spend_limit_usd": None, "allowed_models": None}),
+            ("PATCH", f"/v1/keys/{sibling['id']}", {"enabled": False}),
+            ("DELETE", f"/v1/keys/{sibling['id']}", None),
+            ("PATCH", f"/v1/accounts/{account}", {"multiplier": 0.001}),
+        ):
+            assert_error(await own.request(method, path, json=body), 403, "permission_denied")
+        # Nothing changed: still the one key and its sibling, with their limits.
+        after = {
+            k["id"]: k for k in (await ok(await own.get(f"/v1/accounts/{account}/keys")))["data"]
+        }
+        assert set(after) == {mine["id"], sibling["id"]}
+        assert after[mine["id"]] == mine and after[sibling["id"]]["enabled"] is True
+        assert (await ok(await own.get("/v1/key")))["data"]["limit"] == 0.01
+        assert_error(await chat(own), 403, "model_not_allowed")
+
+    # Below its own account a key manages everything.
+    async with client(mounted(gateway), sibling["key"]) as manager:
+        child = await ok(await manager.post("/v1/accounts", json={"name": "C"}), 201)
+        key = await ok(
+            await manager.post(f"/v1/accounts/{child['id']}/keys", json={"name": "k"}), 201
+        )
+        patched = await ok(await manager.patch(f"/v1/keys/{key['id']}", json={"multiplier": 2}))
+        assert patched["multiplier"] == "2"
+        assert (await ok(await manager.delete(f"/v1/keys/{key['id']}")))["enabled"] is False
+    # And the admin manages the top-level account's keys.
+    assert (await ok(await admin.delete(f"/v1/keys/{sibling['id']}")))["enabled"] is False
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"spend_limit_usd": "0.01"},
+        {"allowed_models": ["openai/gpt-4.1-mini"]},
+        {"rpm": 2},
+        {"expires_at": 4e9},
+        {"multiplier": 2},
+    ],
+)
+async def test_a_key_with_limits_cannot_escape_them_through_a_sub_account(
+    gateway: Gateway, admin: httpx2.AsyncClient, limits: dict[str, Any]
+) -> None:
+    """A sub-account's keys spend the same account's money at the sub-account's own
+    limits, so a key with limits of its own only reads."""
+    account, secret = await fund(gateway, "5", key=limits)
+    child = await ok(
+        await admin.post("/v1/accounts", json={"name": "C", "parent_id": account}), 201
+    )
+    async with client(mounted(gateway), secret) as limited:
+        for method, path, body in (
+            ("POST", "/v1/accounts", {"name": "free"}),
+            ("POST", f"/v1/accounts/{child['id']}/topups", {"amount_usd": 1}),
+            ("POST", f"/v1/accounts/{child['id']}/keys", {"name": "free"}),
+            ("PATCH", f"/v1/accounts/{child['id']}", {"name": "mine"}),
+        ):
+            assert_error(await limited.request(method, path, json=body), 403, "permission_denied")
+        assert (await ok(await limited.get(f"/v1/accounts/{child['id']}")))["credits_usd"] == 0
+        assert len((await ok(await limited.get("/v1/accounts")))["data"]) == 1
+        assert (await ok(await limited.get(f"/v1/accounts/{child['id']}/keys")))["data"] == []
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_top_ups_of_children_add_up_to_what_the_parent_has(gateway: Gateway) -> None:
+    parent, secret = await fund(gateway, "1")
+    async with client(mounted(gateway), secret) as http:
+        child = await ok(await http.post("/v1/accounts", json={"name": "C"}), 201)
+        topups = f"/v1/accounts/{child['id']}/topups"
+        assert (await ok(await http.post(topups, json={"amount_usd": "0.6"}), 201))[
+            "credits_usd"
+        ] == 0.6
+        refused = await http.post(topups, json={"amount_usd": "0.6"})
+        assert_error(refused, 400, "insufficient_parent_balance")
+        assert "0.4 USD left to give" in refused.json()["error"]["message"]
+        await ok(await http.post(topups, json={"amount_usd": "0.4"}), 201)
+        assert_error(await http.post(topups, json={"amount_usd": "0.01"}), 400)
+        key = (
+            await ok(await http.post(f"/v1/accounts/{child['id']}/keys", json={"name": "k"}), 201)
+        )["key"]
+        assert (await ok(await http.get(f"/v1/accounts/{parent}")))["credits_usd"] == 1.0
+    async with client(mounted(gateway), key) as http:
+        credits = await ok(await http.get("/v1/credits"))
+        assert credits["data"]["total_credits"] == 1.0
+        subscription = await ok(await http.get("/v1/dashboard/billing/subscription"))
+        assert subscription["hard_limit_usd"] == 1.0
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+async def test_an_idle_lease_does_not_block_a_lower_spend_limit(
+    gateway: Gateway, admin: httpx2.AsyncClient
+) -> None:
+    """A process leases $1 slices; one left idle after a request is given back, not
+    counted as spent. Money another process holds is, and the message says so."""
+    account, secret = await fund(gateway, "5", key={"spend_limit_usd": "2"})
+    async with client(mounted(gateway), secret) as http:
+        assert (await chat(http)).status_code == 200
+        [key] = (await ok(await http.get(f"/v1/accounts/{account}/keys")))["data"]
+        held = await ok(await admin.get(f"/v1/accounts/{account}"))
+        assert held["held_usd"] > 0.5  # the rest of this process's slice
+        for path in (f"/v1/accounts/{account}", f"/v1/keys/{key['id']}"):
+            changed = await ok(await admin.patch(path, json={"spend_limit_usd": "0.5"}))
+            assert changed["spend_limit_usd"] == 0.5
+        # Another process takes 0.3 USD of what is left, this one the rest.
+        assert gateway.accounting is not None
+        other = await gateway.accounting.storage.lease(
+            "account", account, need=300_000_000, want=300_000_000, owner="p2", expires_at=2e9
+        )
+        assert other is not None
+        assert (await chat(http)).status_code == 200
+
+        refused = await admin.patch(f"/v1/accounts/{account}", json={"spend_limit_usd": "0.2"})
+        assert_error(refused, 400, "below_spent")
+        message = refused.json()["error"]["message"]
+        spent = Decimal(2 * COST) / 10**9
+        assert f"already spent ({spent} USD)" in message and "hold to spend (0.3 USD)" in message
+        assert (await ok(await admin.get(f"/v1/accounts/{account}")))["spend_limit_usd"] == 0.5
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+async def test_values_no_backend_holds_are_400_on_every_backend(
+    upstream: FakeUpstream, database_url: str
+) -> None:
+    """Numbers past what PostgreSQL holds, times past the year 9999, non-ASCII digits and
+    NUL characters were a 500 on some backends (a torn CSV for one); now the same 400
+    (or 404 for an id) everywhere, and nothing is written."""
+    gateway = make_billing_gateway(upstream, database_url, max_credit_usd="9000000000")
+    async with gateway:
+        account, secret = await fund(gateway, "5")
+        async with client(mounted(gateway), ADMIN_KEY) as admin:
+            await check_writes(admin, account)
+        async with client(mounted(gateway), secret) as http:
+            await check_reads(http)
+
+
+async def check_writes(admin: httpx2.AsyncClient, account: str) -> None:
+    [key] = (await ok(await admin.get(f"/v1/accounts/{account}/keys")))["data"]
+    writes = [
+        ("/v1/accounts", {"name": "X", "spend_limit_usd": "1e30"}, "spend_limit_usd"),
+        ("/v1/accounts", {"name": "X", "rpm": 2**63 + 1}, "rpm"),
+        ("/v1/accounts", {"name": "X", "tpm": 2**31}, "tpm"),
+        ("/v1/accounts", {"name": "X", "expires_at": 1e300}, "expires_at"),
+        ("/v1/accounts", {"name": "X", "expires_at": -1.0}, "expires_at"),
+        ("/v1/accounts", {"name": "X\x00"}, "name"),
+        (f"/v1/accounts/{account}/keys", {"name": "k", "expires_at": 1e300}, "expires_at"),
+        (f"/v1/accounts/{account}/topups", {"amount_usd": "1e999999999"}, "amount_usd"),
+        (f"/v1/accounts/{account}/topups", {"amount_usd": 1, "note": "\x00"}, "note"),
+    ]
+    for path, body, param in writes:
+        refused = await admin.post(path, json=body)
+        assert_error(refused, 400)
+        assert refused.json()["error"]["param"] == param
+    assert_error(await admin.patch(f"/v1/keys/{key['id']}", json={"expires_at": 1e300}), 400)
+    # The credits themselves stay within what the database holds.
+    topups = f"/v1/accounts/{account}/topups"
+    await ok(await admin.post(topups, json={"amount_usd": "9000000000"}), 201)
+    assert_error(await admin.post(topups, json={"amount_usd": "9000000000"}), 400)
+    assert len((await ok(await admin.get("/v1/accounts")))["data"]) == 1
+    assert len((await ok(await admin.get(f"/v1/accounts/{account}/keys")))["data"]) == 1
+    assert (await ok(await admin.get(f"/v1/accounts/{account}")))["credits_usd"] == 9e9 + 5
+
+
+async def check_reads(http: httpx2.AsyncClient) -> None:
+    reads = [
+        ("/v1/usage", {"start_date": "1e300"}, "start_date"),
+        ("/v1/usage", {"end_date": "inf"}, "end_date"),
+        ("/v1/ledger", {"start_date": "nan"}, "start_date"),
+        ("/v1/dashboard/billing/usage", {"start_date": "-inf"}, "start_date"),
+        ("/v1/ledger", {"status": "99999999999999999999"}, "status"),
+        ("/v1/ledger", {"cursor": "99999999999999999999"}, "cursor"),
+        ("/v1/ledger", {"limit": "9" * 5000}, "limit"),
+        ("/v1/ledger", {"status": "\u00b2"}, "status"),
+        ("/v1/ledger", {"limit": "\u00b2"}, "limit"),
+        ("/v1/ledger", {"cursor": "\u00b2"}, "cursor"),
+        ("/v1/ledger", {"model": "\x00"}, "model"),
+        ("/v1/ledger.csv", {"status": "99999999999999999999"}, "status"),
+        ("/v1/ledger.csv", {"cursor": "99999999999999999999"}, "cursor"),
+    ]
+    for path, params, param in reads:
+        refused = await http.get(path, params=params)
+        assert_error(refused, 400)
+        assert refused.json()["error"]["param"] == param
+    for path in ("/v1/accounts/%00", "/v1/keys/%00", "/v1/generation?id=%00"):
+        assert_error(await http.get(path), 404)
+    last = await ok(await http.get("/v1/ledger", params={"cursor": str(2**63 - 1)}))
+    assert [row["kind"] for row in last["data"]] == ["topup", "topup"]
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_a_time_stored_before_input_was_bounded_still_shows(gateway: Gateway) -> None:
+    account, secret = await fund(gateway, "1")
+    assert gateway.accounting is not None
+    storage = gateway.accounting.storage
+    [key] = await storage.keys(account)
+    await storage.update_key(key.id, {"expires_at": 1e300})
+    async with client(mounted(gateway), secret) as http:
+        shown = await ok(await http.get("/v1/key"))
+        assert shown["data"]["expires_at"] == "9999-12-31T23:59:59Z"
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_billing_and_management_answers_carry_the_request_id(
+    upstream: FakeUpstream, database_url: str
+) -> None:
+    gateway = make_billing_gateway(upstream, database_url, cors_origins=["*"])
+    async with gateway:
+        account, secret = await fund(gateway, "5")
+        async with client(mounted(gateway), secret) as http:
+            first = await chat(http)
+            paths = [
+                "/v1/key",
+                "/v1/credits",
+                f"/v1/generation?id={first.headers['x-request-id']}",
+                "/v1/dashboard/billing/subscription",
+                "/v1/dashboard/billing/usage",
+                "/v1/usage",
+                "/v1/ledger",
+                "/v1/ledger.csv",
+                "/v1/openapi.json",
+                "/v1/accounts",
+                f"/v1/accounts/{account}",
+                f"/v1/accounts/{account}/keys",
+            ]
+            for path in paths:
+                answer = await http.get(path, headers={"x-request-id": "mine-1"})
+                assert answer.status_code == 200, path
+                assert answer.headers["x-request-id"] == "mine-1", path
+                assert (await http.get(path)).headers["x-request-id"].startswith("req_"), path
+            created = await http.post("/v1/accounts", json={"name": "C"})
+            assert created.status_code == 201 and created.headers["x-request-id"]
+            preflight = await http.options(
+                "/v1/chat/completions",
+                headers={
+                    "origin": "http://app.test",
+                    "access-control-request-method": "POST",
+                    "x-request-id": "mine-2",
+                },
+            )
+            assert preflight.status_code == 200
+            assert preflight.headers["x-request-id"] == "mine-2"
+            assert preflight.headers["access-control-allow-origin"] == "*"

@@ -127,6 +127,51 @@ async def test_credit_and_adjustments_are_guarded(storage: Storage) -> None:
     assert entries[1].actor == "admin" and entries[0].note == "refund"
 
 
+async def test_a_parent_gives_its_children_no_more_than_it_has(storage: Storage) -> None:
+    """Top-ups add up: what the children hold unspent is no longer the parent's to give."""
+
+    async def topup(account_id: str, amount: int) -> Account:
+        row = LedgerRow(id=f"t{time.monotonic_ns()}", account_id=account_id, amount=amount)
+        return await storage.credit(row, within="a")
+
+    await storage.add_account(account("a"))
+    await storage.add_account(account("b", "a"))
+    await storage.add_account(account("c", "a"))
+    await storage.credit(LedgerRow(id="t0", account_id="a", kind="topup", amount=1000))
+    await topup("b", 600)
+    with pytest.raises(StorageConflict, match="0.0000004 USD"):
+        await topup("c", 401)
+    assert (await topup("c", 400)).credits == 400
+    with pytest.raises(StorageConflict):
+        await topup("b", 1)
+    # b spends 100 (its parent pays 50 of it at its own price): 50 is free again.
+    await storage.write([], [Spend("account", "b", 100), Spend("account", "a", 50)])
+    with pytest.raises(StorageConflict):
+        await topup("c", 51)
+    assert (await topup("c", 50)).credits == 450
+    # Taking money back from a child gives the parent room again.
+    await storage.credit(LedgerRow(id="t9", account_id="b", kind="adjustment", amount=-200))
+    assert (await topup("b", 200)).credits == 600
+    assert [a.credits for a in await storage.children("a")] == [600, 450]
+    assert (await storage.account("a")).credits == 1000  # type: ignore[union-attr]
+
+    # Concurrent top-ups of different children are checked one after another.
+    await storage.add_account(account("p"))
+    await storage.credit(LedgerRow(id="p0", account_id="p", kind="topup", amount=1000))
+    for name in "vwxyz":
+        await storage.add_account(account(name, "p"))
+
+    async def give(name: str) -> bool:
+        row = LedgerRow(id=f"g{name}", account_id=name, amount=300)
+        try:
+            await storage.credit(row, within="p")
+        except StorageConflict:
+            return False
+        return True
+
+    assert sum(await asyncio.gather(*(give(name) for name in "vwxyz"))) == 3
+
+
 async def test_leases_never_exceed_the_budget(storage: Storage) -> None:
     await storage.add_account(account("a", spend_limit=800))
     await storage.credit(LedgerRow(id="t", account_id="a", kind="topup", amount=1000, created=NOW))

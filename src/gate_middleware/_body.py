@@ -16,7 +16,14 @@ __all__ = ["check_chat", "check_embeddings", "read_json"]
 
 async def read_json(scope: Scope, receive: Receive, limit: int) -> dict[str, Any]:
     declared = gate_headers(scope).get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    # ASCII digits only ("²".isdigit() is true, int("²") fails); a number too long to
+    # read cheaply is too large anyway.
+    if (
+        declared
+        and declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > 18 or int(declared) > limit)
+    ):
         raise _too_large(limit)
     chunks, size = [], 0
     while True:  # the ASGI messages themselves: Request.stream() is a generator more

@@ -3,11 +3,16 @@ and has routes render every error OpenAI-shaped."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import (
@@ -23,7 +28,7 @@ from .record import request_id_for
 if TYPE_CHECKING:
     from .app import Gateway
 
-__all__ = ["RequestContext", "handle_http_exception"]
+__all__ = ["CORS", "RequestContext", "handle_http_exception", "named"]
 
 logger = logging.getLogger("gate_middleware")
 
@@ -49,8 +54,9 @@ class RequestContext:
     """Names the request (`x-request-id`, echoed by every response), refuses work before
     start-up, and has routes render every error OpenAI-shaped.
 
-    It does not wrap `send`: each response sets the header itself, which spares every
-    streamed chunk one more layer.
+    It does not wrap `send`: each response sets the header itself (the model endpoints
+    on their own, the other routes through `named`), which spares every streamed chunk
+    one more layer.
     """
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
@@ -79,3 +85,33 @@ class RequestContext:
         except HTTPException as exc:  # raised by routing itself, e.g. 405
             request = Request(scope)
             await (await handle_http_exception(request, exc))(scope, receive, send)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def named(endpoint: Handler) -> Handler:
+    """The route function, its answer carrying the request's `x-request-id`."""
+
+    @functools.wraps(endpoint)
+    async def answer(request: Request) -> Response:
+        response = await endpoint(request)
+        response.headers["x-request-id"] = request.scope[REQUEST_ID]
+        return response
+
+    return answer
+
+
+class CORS(CORSMiddleware):
+    """Starlette's, whose preflight answers (made here: they reach no route) carry an
+    `x-request-id` as every other answer does."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            headers = Headers(scope=scope)
+            if "origin" in headers and "access-control-request-method" in headers:
+                response = self.preflight_response(request_headers=headers)
+                response.headers["x-request-id"] = request_id_for(scope)
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)

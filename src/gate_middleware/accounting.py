@@ -54,7 +54,10 @@ class Accounting:
             cache_seconds=settings.key_cache_seconds,
         )
         self.accounts = Accounts(
-            storage, max_credit=nanos_from_usd(settings.max_credit_usd), on_change=self.keys.forget
+            storage,
+            max_credit=nanos_from_usd(settings.max_credit_usd),
+            on_change=self.keys.forget,
+            leases=self.book,
         )
         self._prices: dict[str | None, Price | None] = {}
         # Per model: the prices of every model that could answer it (fallbacks too).

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .auth import Level, Principal, StaticKeys
 from .errors import (
@@ -27,8 +27,12 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from .pricing import nanos_from_usd
-from .storage import Account, ApiKey, LedgerRow, Storage, StorageConflict
+from .pricing import NANOS_PER_USD, nanos_from_usd
+from .storage import Account, ApiKey, LedgerRow, Storage, StorageConflict, Target
+from .storage._common import MAX_BIGINT, MAX_INTEGER, MAX_TIME
+
+if TYPE_CHECKING:
+    from .quota import LeaseBook
 
 __all__ = ["AccountKeys", "Accounts", "model_allowed", "new_key"]
 
@@ -209,17 +213,19 @@ class AccountKeys:
 def _positive_int(name: str, value: Any) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidRequestError(f"'{name}' must be a positive integer or null.", param=name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INTEGER:
+        raise InvalidRequestError(
+            f"'{name}' must be a positive integer (at most {MAX_INTEGER}) or null.", param=name
+        )
     return value
 
 
-def _usd(name: str, value: Any, *, negative: bool = False, cap: int | None = None) -> int:
+def _usd(name: str, value: Any, *, negative: bool = False, cap: int = MAX_BIGINT) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidRequestError(f"'{name}' must be an amount in USD.", param=name)
     try:
         nanos = nanos_from_usd(value)
-    except (ValueError, InvalidOperation):
+    except (ValueError, ArithmeticError):  # decimal's InvalidOperation and Overflow
         raise InvalidRequestError(
             f"'{name}' must be an amount in USD with at most 9 decimals.", param=name
         ) from None
@@ -227,11 +233,21 @@ def _usd(name: str, value: Any, *, negative: bool = False, cap: int | None = Non
         raise InvalidRequestError(
             f"'{name}' must be {'non-zero' if negative else 'positive'}.", param=name
         )
-    if cap is not None and abs(nanos) > cap:
-        raise InvalidRequestError(
-            f"'{name}' is larger than this gateway allows in one entry.", param=name
-        )
+    most = min(cap, MAX_BIGINT)
+    if abs(nanos) > most:
+        limit = Decimal(most) / NANOS_PER_USD
+        raise InvalidRequestError(f"'{name}' must be at most {limit:f} USD.", param=name)
     return nanos
+
+
+def _text(name: str, value: Any, longest: int) -> str:
+    # PostgreSQL cannot store a NUL character: refused alike on every backend.
+    if not isinstance(value, str) or len(value) > longest or "\x00" in value:
+        raise InvalidRequestError(
+            f"'{name}' must be a string of at most {longest} characters, without NUL.",
+            param=name,
+        )
+    return value
 
 
 def parse_fields(body: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
@@ -252,19 +268,24 @@ def parse_fields(body: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
         )
     fields: dict[str, Any] = {}
     if "name" in body or creating:
-        name = body.get("name")
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        name = _text("name", body.get("name"), 200).strip()
+        if not name:
             raise InvalidRequestError("'name' must be a non-empty string.", param="name")
-        fields["name"] = name.strip()
+        fields["name"] = name
     if "enabled" in body:
         if not isinstance(body["enabled"], bool):
             raise InvalidRequestError("'enabled' must be a boolean.", param="enabled")
         fields["enabled"] = body["enabled"]
     if "expires_at" in body:
         value = body["expires_at"]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value <= MAX_TIME  # NaN and infinities too
+        ):
             raise InvalidRequestError(
-                "'expires_at' must be a Unix time in seconds or null.", param="expires_at"
+                "'expires_at' must be a Unix time in seconds (up to the year 9999) or null.",
+                param="expires_at",
             )
         fields["expires_at"] = None if value is None else float(value)
     if "allowed_models" in body:
@@ -300,10 +321,18 @@ def parse_fields(body: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
 class Accounts:
     """Account and key operations on behalf of a caller, with the scope checks."""
 
-    def __init__(self, storage: Storage, *, max_credit: int, on_change: Any = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        max_credit: int,
+        on_change: Any = None,
+        leases: LeaseBook | None = None,
+    ) -> None:
         self.storage = storage
         self._max_credit = max_credit
         self._on_change = on_change
+        self._leases = leases
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -311,7 +340,8 @@ class Accounts:
 
     async def get(self, actor: Principal, account_id: str, *, write: bool = False) -> Account:
         """The account, if the actor may see it (or change it, with `write`)."""
-        chain = await self.storage.chain(account_id)
+        # No id has a NUL character, and PostgreSQL cannot even compare one.
+        chain = await self.storage.chain(account_id) if "\x00" not in account_id else []
         if not chain:
             raise NotFoundError(f"No account '{account_id}'.", code="account_not_found")
         if actor.admin:
@@ -320,11 +350,31 @@ class Accounts:
         if actor.account_id not in ids:
             raise NotFoundError(f"No account '{account_id}'.", code="account_not_found")
         if write and account_id == actor.account_id:
+            # Its own keys too: else a key could lift its own limits or price.
             raise PermissionDeniedError(
-                "An account cannot change its own balance or limits; its parent (or the "
-                "admin) does."
+                "An account cannot change its own balance, limits or keys; its parent "
+                "account (or the admin) does."
             )
+        if write:
+            await self._manager(actor)
         return chain[-1]
+
+    async def _manager(self, actor: Principal) -> None:
+        """A key with limits of its own only reads: a sub-account or key it made would
+        not be bound by them, and would spend the same account's money."""
+        key = await self.storage.key(actor.key_id) if actor.key_id else None
+        if key is not None and (
+            key.multiplier != 1
+            or any(
+                getattr(key, name) is not None
+                for name in ("expires_at", "allowed_models", "spend_limit", *_LIMITS)
+            )
+        ):
+            raise PermissionDeniedError(
+                "This key has limits of its own (a spend limit, models, rate limits, an "
+                "expiry or a multiplier), so it can read but not manage: what it made "
+                "would not be bound by them. Use a key of this account without limits."
+            )
 
     def home(self, actor: Principal) -> str:
         if actor.account_id is None:
@@ -343,6 +393,7 @@ class Accounts:
         fields = parse_fields(body, creating=True)
         if parent_id is not None:
             parent = await self.get(actor, parent_id)
+            await self._manager(actor)
             _within_parent(fields, parent)
         account = Account(
             id=f"acct_{uuid.uuid4().hex[:16]}",
@@ -362,6 +413,7 @@ class Accounts:
             parent = await self.storage.account(account.parent_id)
             assert parent is not None
             _within_parent(fields, parent)
+        await self._give_back_idle(fields, "account", account_id)
         with _below_spent():
             updated = await self.storage.update_account(account_id, fields)
         self._changed()
@@ -370,7 +422,7 @@ class Accounts:
     async def create_key(
         self, actor: Principal, account_id: str, body: Mapping[str, Any]
     ) -> tuple[ApiKey, str]:
-        account = await self.get(actor, account_id)
+        account = await self.get(actor, account_id, write=True)
         fields = parse_fields(body, creating=True)
         _within_parent(fields, account)
         secret, prefix, hashed = new_key()
@@ -385,26 +437,35 @@ class Accounts:
         await self.storage.add_key(key)
         return key, secret
 
-    async def key(self, actor: Principal, key_id: str) -> ApiKey:
-        key = await self.storage.key(key_id)
+    async def key(self, actor: Principal, key_id: str, *, write: bool = False) -> ApiKey:
+        """The key, if the actor may see it (or change it, with `write`)."""
+        key = await self.storage.key(key_id) if "\x00" not in key_id else None
         if key is None:
             raise NotFoundError(f"No key '{key_id}'.", code="key_not_found")
         try:
-            await self.get(actor, key.account_id)
+            await self.get(actor, key.account_id, write=write)
         except NotFoundError:
             raise NotFoundError(f"No key '{key_id}'.", code="key_not_found") from None
         return key
 
     async def update_key(self, actor: Principal, key_id: str, body: Mapping[str, Any]) -> ApiKey:
-        key = await self.key(actor, key_id)
+        key = await self.key(actor, key_id, write=True)
         fields = parse_fields(body, creating=False)
         account = await self.storage.account(key.account_id)
         assert account is not None
         _within_parent(fields, account)
+        await self._give_back_idle(fields, "key", key_id)
         with _below_spent():
             updated = await self.storage.update_key(key_id, fields)
         self._changed()
         return updated
+
+    async def _give_back_idle(self, fields: Mapping[str, Any], target: Target, id: str) -> None:
+        """A spend limit cannot go below what is spent and leased: this process's
+        leases that no request holds from go back first (other processes' go back
+        when idle, within a third of the lease time)."""
+        if "spend_limit" in fields and self._leases is not None:
+            await self._leases.give_back(target, id)
 
     async def credit(
         self, actor: Principal, account_id: str, body: Mapping[str, Any], *, kind: str
@@ -422,9 +483,12 @@ class Accounts:
             "amount_usd", body["amount_usd"], negative=kind == "adjustment", cap=self._max_credit
         )
         note = body.get("note")
-        if note is not None and (not isinstance(note, str) or len(note) > 500):
+        if note is not None:
+            _text("note", note, 500)
+        if account.credits + amount > MAX_BIGINT:
             raise InvalidRequestError(
-                "'note' must be a string (500 characters at most).", param="note"
+                "The account's credits would be more than this gateway can hold.",
+                param="amount_usd",
             )
         row = LedgerRow(
             id=f"{kind}_{uuid.uuid4().hex}",

@@ -13,13 +13,12 @@ import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _body
-from ._context import RequestContext
+from ._context import CORS, RequestContext
 from .accounting import Accounting
 from .api.billing import BillingAPI, billing_routes
 from .api.chat import ChatAPI
@@ -138,7 +137,7 @@ class Gateway(Starlette):
             middleware.insert(
                 0,
                 Middleware(
-                    CORSMiddleware,
+                    CORS,
                     allow_origins=self.settings.cors_origins,
                     allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
                     allow_headers=["*"],

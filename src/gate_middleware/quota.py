@@ -182,6 +182,13 @@ class LeaseBook:
             spends.extend(purse.spend(cost))
         return spends
 
+    async def give_back(self, target: Target, target_id: str) -> None:
+        """Return the target's leases now, unless a request holds from them: a spend
+        limit is being lowered, and an idle slice must not be what stands in its way."""
+        purse = self._purses.get((target, target_id))
+        if purse is not None:
+            await self._return(purse)
+
     # Lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:

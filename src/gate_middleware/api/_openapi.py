@@ -4,21 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..storage._common import MAX_INTEGER, MAX_TIME
+
 __all__ = ["openapi_schema"]
 
+_COUNT = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_INTEGER}
 _LIMITS: dict[str, Any] = {
-    "name": {"type": "string"},
+    "name": {"type": "string", "maxLength": 200},
     "enabled": {"type": "boolean"},
-    "expires_at": {"type": ["number", "null"], "description": "Unix seconds."},
+    "expires_at": {
+        "type": ["number", "null"],
+        "minimum": 0,
+        "maximum": MAX_TIME,
+        "description": "Unix seconds.",
+    },
     "allowed_models": {
         "type": ["array", "null"],
         "items": {"type": "string"},
         "description": "Model ids or patterns ('openai/*'); null allows all the parent allows.",
     },
-    "rpm": {"type": ["integer", "null"], "minimum": 1},
-    "tpm": {"type": ["integer", "null"], "minimum": 1},
-    "rpd": {"type": ["integer", "null"], "minimum": 1},
-    "max_concurrency": {"type": ["integer", "null"], "minimum": 1},
+    "rpm": _COUNT,
+    "tpm": _COUNT,
+    "rpd": _COUNT,
+    "max_concurrency": _COUNT,
     "spend_limit_usd": {"type": ["number", "string", "null"]},
     "multiplier": {
         "type": ["number", "string"],
@@ -64,7 +72,7 @@ _FILTERS = [
     )
 ]
 _PAGE = [
-    {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "next_cursor"},
 ]
 

@@ -17,9 +17,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .._context import named
 from ..errors import InvalidRequestError, NotFoundError
 from ..pricing import NANOS_PER_USD, usd
 from ..storage import Account, LedgerQuery, LedgerRow
+from ..storage._common import MAX_TIME
 
 if TYPE_CHECKING:
     from ..accounting import Accounting
@@ -33,24 +35,37 @@ _DAY = 86_400
 
 
 def parse_date(request: Request, name: str) -> float | None:
-    """A `YYYY-MM-DD` (UTC midnight) or Unix-seconds query parameter."""
+    """A `YYYY-MM-DD` (UTC midnight) or Unix-seconds query parameter; seconds from 0 to
+    the end of the year 9999, as only those render as dates (`1e300` or `inf` did not)."""
     value = request.query_params.get(name)
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if 0 <= seconds <= MAX_TIME:  # not NaN or an infinity either
+            return seconds
+        raise _bad_date(name)
     try:
         day = dt.date.fromisoformat(value)
     except ValueError:
-        raise InvalidRequestError(
-            f"Invalid '{name}': expected a date like 2025-01-31 or Unix seconds.", param=name
-        ) from None
+        raise _bad_date(name) from None
     return float(calendar.timegm(day.timetuple()))
 
 
+def _bad_date(name: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Invalid '{name}': expected a date like 2025-01-31, or Unix seconds up to the year 9999.",
+        param=name,
+    )
+
+
 def iso(seconds: float) -> str:
+    # A time stored before input was bounded (an `expires_at` of 1e300) shows as the
+    # nearest one a date can show.
+    seconds = min(max(seconds, 0.0), MAX_TIME)
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
@@ -157,10 +172,12 @@ class BillingAPI:
         if not request_id:
             raise InvalidRequestError("Missing required parameter: 'id'.", param="id")
         storage = self._accounting.storage
-        row = await storage.by_request(request_id, account.id)
-        if row is None:
-            await self._accounting.writer.flush()  # it may still be queued
+        row = None
+        if "\x00" not in request_id:  # no id has one, and PostgreSQL refuses to compare it
             row = await storage.by_request(request_id, account.id)
+            if row is None:
+                await self._accounting.writer.flush()  # it may still be queued
+                row = await storage.by_request(request_id, account.id)
         if row is None or row.kind != "request":
             raise NotFoundError(f"No generation '{request_id}' for this account.", param="id")
         return JSONResponse({"data": generation_view(row)})
@@ -197,9 +214,9 @@ def generation_view(row: LedgerRow) -> dict[str, Any]:
 
 def billing_routes(billing: BillingAPI) -> list[Route]:
     return [
-        Route("/dashboard/billing/subscription", billing.subscription, methods=["GET"]),
-        Route("/dashboard/billing/usage", billing.usage, methods=["GET"]),
-        Route("/key", billing.key, methods=["GET"]),
-        Route("/credits", billing.credits, methods=["GET"]),
-        Route("/generation", billing.generation, methods=["GET"]),
+        Route("/dashboard/billing/subscription", named(billing.subscription), methods=["GET"]),
+        Route("/dashboard/billing/usage", named(billing.usage), methods=["GET"]),
+        Route("/key", named(billing.key), methods=["GET"]),
+        Route("/credits", named(billing.credits), methods=["GET"]),
+        Route("/generation", named(billing.generation), methods=["GET"]),
     ]

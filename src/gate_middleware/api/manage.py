@@ -15,10 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .._context import named
 from ..errors import InvalidRequestError
 from ..pricing import usd
 from ..storage import Account, ApiKey, LedgerQuery, LedgerRow
-from ..storage._common import GROUPS
+from ..storage._common import GROUPS, MAX_BIGINT
 from ._openapi import openapi_schema
 from .billing import iso, parse_date
 
@@ -93,6 +94,16 @@ def row_view(row: LedgerRow) -> dict[str, Any]:
     view["amount_usd"] = usd(row.amount)
     view["amount_nanos"] = row.amount
     return view
+
+
+def _whole(text: str | None, most: int, name: str, what: str) -> int | None:
+    """A whole number from 0 to `most` in a query parameter, or None when it is absent.
+    ASCII digits only: `"²".isdigit()` is true, and `int("²")` fails."""
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= 19 and int(text) <= most):
+        raise InvalidRequestError(f"'{name}' must be {what}.", param=name)
+    return int(text)
 
 
 class ManageAPI:
@@ -190,15 +201,14 @@ class ManageAPI:
         accounts = self._accounting.accounts
         account_id = params.get("account_id") or accounts.home(actor)
         await accounts.get(actor, account_id)
-        status = params.get("status")
-        if status is not None and not status.isdigit():
-            raise InvalidRequestError("'status' must be an HTTP status code.", param="status")
-        limit = params.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit) <= _MAX_PAGE:
+        status = _whole(params.get("status"), 999, "status", "an HTTP status code")
+        limit = _whole(params.get("limit", "100"), _MAX_PAGE, "limit", f"1 to {_MAX_PAGE}")
+        cursor = _whole(params.get("cursor"), MAX_BIGINT, "cursor", "one this API gave")
+        if not limit:
             raise InvalidRequestError(f"'limit' must be 1 to {_MAX_PAGE}.", param="limit")
-        cursor = params.get("cursor")
-        if cursor is not None and not cursor.isdigit():
-            raise InvalidRequestError("'cursor' is not one this API gave.", param="cursor")
+        for name in ("model", "key_id", "source_account_id"):
+            if "\x00" in params.get(name, ""):  # PostgreSQL cannot even compare one
+                raise InvalidRequestError(f"'{name}' has a NUL character.", param=name)
         kind = params.get("kind")
         if kind is not None and kind not in ("request", "topup", "adjustment"):
             raise InvalidRequestError("'kind' must be request, topup or adjustment.", param="kind")
@@ -210,10 +220,10 @@ class ManageAPI:
             model=params.get("model"),
             key_id=params.get("key_id"),
             source_account_id=params.get("source_account_id"),
-            status=int(status) if status is not None else None,
+            status=status,
             kind=kind,
-            before=int(cursor) if cursor is not None else None,
-            limit=int(limit),
+            before=cursor,
+            limit=limit,
         )
 
     async def overview(self, request: Request) -> Response:
@@ -265,13 +275,15 @@ class ManageAPI:
         query = await self._query(request, actor)
         query.limit = _MAX_PAGE
         storage = self._accounting.storage
+        # The first page before the answer starts: a failure is still an error answer.
+        first = await storage.rows(query)
 
         async def lines() -> AsyncIterator[str]:
             out = io.StringIO()
             writer = csv.writer(out)
             writer.writerow(_CSV_COLUMNS)
+            rows = first
             while True:
-                rows = await storage.rows(query)
                 for row in rows:
                     view = row_view(row)
                     writer.writerow(view[name] for name in _CSV_COLUMNS)
@@ -281,6 +293,7 @@ class ManageAPI:
                 if len(rows) < query.limit:
                     return
                 query.before = rows[-1].seq
+                rows = await storage.rows(query)
 
         return StreamingResponse(
             lines(),
@@ -297,19 +310,19 @@ class ManageAPI:
 
 def manage_routes(manage: ManageAPI) -> list[Route]:
     return [
-        Route("/accounts", manage.list_accounts, methods=["GET"]),
-        Route("/accounts", manage.create_account, methods=["POST"]),
-        Route("/accounts/{account_id}", manage.get_account, methods=["GET"]),
-        Route("/accounts/{account_id}", manage.update_account, methods=["PATCH"]),
-        Route("/accounts/{account_id}/topups", manage.credit, methods=["POST"]),
-        Route("/accounts/{account_id}/adjustments", manage.credit, methods=["POST"]),
-        Route("/accounts/{account_id}/keys", manage.list_keys, methods=["GET"]),
-        Route("/accounts/{account_id}/keys", manage.create_key, methods=["POST"]),
-        Route("/keys/{key_id}", manage.get_key, methods=["GET"]),
-        Route("/keys/{key_id}", manage.update_key, methods=["PATCH"]),
-        Route("/keys/{key_id}", manage.disable_key, methods=["DELETE"]),
-        Route("/usage", manage.overview, methods=["GET"]),
-        Route("/ledger", manage.ledger, methods=["GET"]),
-        Route("/ledger.csv", manage.ledger_csv, methods=["GET"]),
-        Route("/openapi.json", manage.openapi, methods=["GET"]),
+        Route("/accounts", named(manage.list_accounts), methods=["GET"]),
+        Route("/accounts", named(manage.create_account), methods=["POST"]),
+        Route("/accounts/{account_id}", named(manage.get_account), methods=["GET"]),
+        Route("/accounts/{account_id}", named(manage.update_account), methods=["PATCH"]),
+        Route("/accounts/{account_id}/topups", named(manage.credit), methods=["POST"]),
+        Route("/accounts/{account_id}/adjustments", named(manage.credit), methods=["POST"]),
+        Route("/accounts/{account_id}/keys", named(manage.list_keys), methods=["GET"]),
+        Route("/accounts/{account_id}/keys", named(manage.create_key), methods=["POST"]),
+        Route("/keys/{key_id}", named(manage.get_key), methods=["GET"]),
+        Route("/keys/{key_id}", named(manage.update_key), methods=["PATCH"]),
+        Route("/keys/{key_id}", named(manage.disable_key), methods=["DELETE"]),
+        Route("/usage", named(manage.overview), methods=["GET"]),
+        Route("/ledger", named(manage.ledger), methods=["GET"]),
+        Route("/ledger.csv", named(manage.ledger_csv), methods=["GET"]),
+        Route("/openapi.json", named(manage.openapi), methods=["GET"]),
     ]

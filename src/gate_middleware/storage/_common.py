@@ -18,6 +18,9 @@ __all__ = [
     "GROUPS",
     "KEY_COLUMNS",
     "LEDGER_COLUMNS",
+    "MAX_BIGINT",
+    "MAX_INTEGER",
+    "MAX_TIME",
     "MIGRATIONS",
     "check_spend_limit",
     "day_of",
@@ -29,8 +32,16 @@ __all__ = [
     "group_key",
     "ledger_values",
     "matches",
+    "parent_short",
     "settable",
 ]
+
+# The most every built-in backend holds: PostgreSQL's BIGINT (money, ledger positions)
+# and INTEGER (limits), and times that render as dates (the last second of year 9999).
+# Input is checked against them, so all backends answer a value too large the same.
+MAX_BIGINT = 2**63 - 1
+MAX_INTEGER = 2**31 - 1
+MAX_TIME = 253_402_300_799.0
 
 # Balances change only through credit/lease/write; ids never change.
 FIELDS_NOT_SETTABLE = frozenset(
@@ -96,11 +107,30 @@ def day_of(created: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(created))
 
 
-def check_spend_limit(limit: int | None, committed: int) -> None:
-    if limit is not None and limit < committed:
-        raise StorageConflict(
-            "The spend limit would be below what is already spent or held by running requests."
+def parent_short(left: int) -> StorageConflict:
+    """A parent topping up a child with more than it has left to give."""
+    return StorageConflict(
+        f"The parent account has {_usd(max(left, 0))} USD left to give: its "
+        "balance less what its sub-accounts hold unspent."
+    )
+
+
+def check_spend_limit(limit: int | None, spent: int, leased: int) -> None:
+    """A limit below `spent + leased` would let the leases spend past it."""
+    if limit is None or limit >= spent + leased:
+        return
+    message = f"The spend limit would be below what is already spent ({_usd(spent)} USD)"
+    if leased:
+        message += (
+            f" plus what gateway processes hold to spend ({_usd(leased)} USD); a process "
+            "gives back what it holds unused within about a third of the lease time "
+            "(GATE_QUOTA_LEASE_SECONDS) of its last request"
         )
+    raise StorageConflict(message + ".")
+
+
+def _usd(nanos: int) -> str:
+    return f"{Decimal(nanos) / 10**9:f}"
 
 
 def settable(changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -192,7 +192,7 @@ class AccountStore(Protocol):
         """Direct children, or the top-level accounts for None."""
 
     async def update_account(self, account_id: str, changes: Mapping[str, Any]) -> Account:
-        """Set fields (not balances); `StorageConflict` if `spend_limit < spent`."""
+        """Set fields (not balances); `StorageConflict` if `spend_limit < spent + leased`."""
 
     async def add_key(self, key: ApiKey) -> None: ...
 
@@ -203,7 +203,7 @@ class AccountStore(Protocol):
     async def keys(self, account_id: str) -> list[ApiKey]: ...
 
     async def update_key(self, key_id: str, changes: Mapping[str, Any]) -> ApiKey:
-        """Set fields (not balances); `StorageConflict` if `spend_limit < spent`."""
+        """Set fields (not balances); `StorageConflict` if `spend_limit < spent + leased`."""
 
 
 @runtime_checkable
@@ -228,8 +228,11 @@ class BalanceStore(Protocol):
         """Add `row.amount` to the account's credits and append the row, atomically.
 
         Refused (`StorageConflict`) if the account would be left with a negative
-        available balance, or if `within` names an account whose available balance is
-        smaller than a positive amount (a parent topping up a child).
+        available balance, or if `within` names the account's parent and a positive
+        amount is more than the parent has left to give: its budget, less its `spent`,
+        less what its children hold unspent (`credits - spent` of each, this account's
+        included). The check and the credit are one transaction, and top-ups under the
+        same parent do not interleave.
         """
 
     async def lease(

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._common import check_spend_limit, day_of, group_key, matches, settable
+from ._common import check_spend_limit, day_of, group_key, matches, parent_short, settable
 from .base import (
     Account,
     ApiKey,
@@ -166,8 +166,16 @@ class MemoryStorage:
             raise StorageConflict("The adjustment would leave a negative balance.")
         if within is not None and row.amount > 0:
             parent = self._accounts.get(within)
-            if parent is None or parent.available < row.amount:
-                raise StorageConflict("The parent account does not have that much available.")
+            left = 0
+            if parent is not None:
+                given = sum(
+                    max(a.credits - a.spent, 0)
+                    for a in self._accounts.values()
+                    if a.parent_id == within
+                )
+                left = parent.budget - parent.spent - given
+            if left < row.amount:
+                raise parent_short(left)
         account.credits += row.amount
         self._ledger.append(dataclasses.replace(row, seq=len(self._ledger) + 1))
         return dataclasses.replace(account)
@@ -226,6 +234,6 @@ def _available(holder: Account | ApiKey) -> int:
 def _set(holder: Account | ApiKey, changes: Mapping[str, Any]) -> None:
     changes = settable(changes)
     if "spend_limit" in changes:
-        check_spend_limit(changes["spend_limit"], holder.spent + holder.leased)
+        check_spend_limit(changes["spend_limit"], holder.spent, holder.leased)
     for name, value in changes.items():
         setattr(holder, name, value)

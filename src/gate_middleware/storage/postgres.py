@@ -27,6 +27,7 @@ from ._common import (
     group,
     group_key,
     ledger_values,
+    parent_short,
     settable,
     where,
 )
@@ -52,6 +53,12 @@ _BUDGET = {
     "key": "COALESCE(spend_limit, 4611686018427387904) - spent - leased",
 }
 _TABLE = {"account": "accounts", "key": "api_keys"}
+# What a parent may still give its sub-accounts: its budget, less what it spent and
+# what they hold unspent.
+_TO_GIVE = """SELECT LEAST(credits, COALESCE(spend_limit, credits)) - spent
+    - (SELECT COALESCE(SUM(GREATEST(credits - spent, 0)), 0)::bigint
+       FROM accounts WHERE parent_id = $1)
+    FROM accounts WHERE id = $1"""
 _LOCK = 0x6761_7465  # advisory lock id for migrations ("gate")
 # One spend: spent on its target, and the part its lease still covers off the lease too.
 # The lease's row is locked first (FOR UPDATE), so `old.amount` is what is left of it.
@@ -209,13 +216,13 @@ class PostgresStorage:
     async def _update(self, table: str, row_id: str, changes: Mapping[str, Any]) -> None:
         changes = settable(changes)
         async with self._pool.acquire() as conn, conn.transaction():
-            committed = await conn.fetchval(
-                f"SELECT spent + leased FROM {table} WHERE id = $1 FOR UPDATE", row_id
+            found = await conn.fetchrow(
+                f"SELECT spent, leased FROM {table} WHERE id = $1 FOR UPDATE", row_id
             )
-            if committed is None:
+            if found is None:
                 raise StorageConflict(f"{row_id!r} does not exist.")
             if "spend_limit" in changes:
-                check_spend_limit(changes["spend_limit"], committed)
+                check_spend_limit(changes["spend_limit"], *found)
             if changes:
                 assignments = ", ".join(f"{n} = ${i}" for i, n in enumerate(changes, 2))
                 values = [encode(n, v) for n, v in changes.items()]
@@ -283,11 +290,13 @@ class PostgresStorage:
         values = [encode(n, getattr(row, n)) for n in LEDGER_COLUMNS]
         async with self._pool.acquire() as conn, conn.transaction():
             if within is not None and row.amount > 0:
-                available = await conn.fetchval(
-                    f"SELECT {_BUDGET['account']} FROM accounts WHERE id = $1 FOR UPDATE", within
-                )
-                if available is None or available < row.amount:
-                    raise StorageConflict("The parent account does not have that much available.")
+                # The parent's row locked first, so top-ups of its children queue; and
+                # read after, in a statement of its own: one that waited for the lock
+                # would see the children as they were before the other top-up.
+                await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", within)
+                left = await conn.fetchval(_TO_GIVE, within) or 0
+                if left < row.amount:
+                    raise parent_short(left)
             done = await conn.fetchval(
                 f"UPDATE accounts SET credits = credits + $1::bigint WHERE id = $2 "
                 f"AND ($1::bigint >= 0 OR {_BUDGET['account']} + $1::bigint >= 0) RETURNING 1",

@@ -39,6 +39,7 @@ from ._common import (
     group,
     group_key,
     ledger_values,
+    parent_short,
     settable,
     where,
 )
@@ -76,6 +77,11 @@ _BUDGET = {
     "key": "COALESCE(spend_limit, 4611686018427387904) - spent - leased",
 }
 _TABLE = {"account": "accounts", "key": "api_keys"}
+# What a parent may still give its sub-accounts: its budget, less what it spent and
+# what they hold unspent.
+_TO_GIVE = """SELECT MIN(credits, COALESCE(spend_limit, credits)) - spent
+    - (SELECT COALESCE(SUM(MAX(credits - spent, 0)), 0) FROM accounts WHERE parent_id = ?1)
+    FROM accounts WHERE id = ?1"""
 
 
 @functools.lru_cache(maxsize=32)
@@ -244,12 +250,12 @@ class SQLiteStorage:
 
         def update(conn: sqlite3.Connection) -> None:
             found = conn.execute(
-                f"SELECT spent + leased FROM {table} WHERE id = ?", (row_id,)
+                f"SELECT spent, leased FROM {table} WHERE id = ?", (row_id,)
             ).fetchone()
             if found is None:
                 raise StorageConflict(f"{row_id!r} does not exist.")
             if "spend_limit" in changes:
-                check_spend_limit(changes["spend_limit"], found[0])
+                check_spend_limit(changes["spend_limit"], *found)
             if changes:
                 assignments = ", ".join(f"{name} = ?" for name in changes)
                 values = [encode(n, v) for n, v in changes.items()]
@@ -367,11 +373,10 @@ class SQLiteStorage:
 
         def credit(conn: sqlite3.Connection) -> None:
             if within is not None and row.amount > 0:
-                parent = conn.execute(
-                    f"SELECT {_BUDGET['account']} FROM accounts WHERE id = ?", (within,)
-                ).fetchone()
-                if parent is None or parent[0] < row.amount:
-                    raise StorageConflict("The parent account does not have that much available.")
+                found = conn.execute(_TO_GIVE, (within,)).fetchone()
+                left = found[0] if found else 0
+                if left < row.amount:
+                    raise parent_short(left)
             done = conn.execute(
                 f"UPDATE accounts SET credits = credits + ? WHERE id = ? "
                 f"AND (? >= 0 OR {_BUDGET['account']} + ? >= 0)",
