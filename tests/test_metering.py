@@ -541,3 +541,41 @@ async def test_usage_no_request_can_have_is_not_believed(
             assert 0 < row.amount == PROMPT * IN + row.completion_tokens * OUT
         credits, spent = await balance(gateway, account)
         assert spent == sum(row.amount for row in rows)
+
+
+async def test_a_graceful_stop_under_load_loses_no_row(tmp_path: object) -> None:
+    """uvicorn is told to stop while requests wait on the upstream: they finish, then
+    the lifespan writes every row and spend before the process would exit."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from .conftest import LiveServer
+
+    url = f"sqlite:///{tmp_path}/stop.db"
+    setup = make_billing_gateway(FakeUpstream(), url)
+    async with setup:
+        account, secret = await fund(setup, "5")
+    gateway = make_billing_gateway(
+        FakeUpstream(latency=0.3), url, ledger_flush_seconds=60, ledger_batch_size=10**6
+    )
+    app = Starlette(routes=[Mount("/v1", gateway)], lifespan=gateway.lifespan)
+    body = {"model": "openai/gpt-4.1", "messages": MESSAGES, "max_tokens": 2}
+    server = LiveServer(app)
+    with server:
+        async with httpx2.AsyncClient(
+            base_url=server.url, headers={"authorization": f"Bearer {secret}"}, timeout=10
+        ) as http:
+            calls = [
+                asyncio.create_task(http.post("/v1/chat/completions", json=body)) for _ in range(40)
+            ]
+            await asyncio.sleep(0.15)  # all of them at the upstream
+            server.server.should_exit = True  # what SIGTERM does
+            responses = await asyncio.gather(*calls)
+        await asyncio.to_thread(server.thread.join, 10)
+    assert [r.status_code for r in responses] == [200] * 40
+    again = make_billing_gateway(FakeUpstream(), url)
+    async with again:
+        rows = await ledger(again, account, kind="request", limit=1000)
+        assert len(rows) == 40 and {r.status for r in rows} == {200}
+        credits, spent = await balance(again, account)
+        assert spent == sum(r.amount for r in rows) == 40 * (PROMPT * IN + 2 * OUT)
