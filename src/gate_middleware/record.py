@@ -157,7 +157,7 @@ def usage_into(record: RequestRecord, usage: Any) -> None:
         if isinstance(completion_details, dict)
         else 0,
     )
-    if not all(0 <= count <= MAX_TOKENS for count in counts):
+    if min(counts) < 0 or max(counts) > MAX_TOKENS:
         logger.warning(
             "Request %s: the upstream reported usage no request can have (%s); "
             "billed on the estimate.",
