@@ -52,12 +52,12 @@ async def test_a_flush_writes_what_was_queued_when_it_began(
     real = storage.write
     batches: list[int] = []
 
-    async def slow(rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+    async def slow(rows: Sequence[LedgerRow], spends: Sequence[Spend], **kw: bool) -> None:
         batches.append(len(rows))
         if len(batches) == 1:  # a request that ends mid-write
             ledger.add([row("late")], [Spend("account", "a", 1)])
         await asyncio.sleep(0.01)
-        await real(rows, spends)
+        await real(rows, spends, **kw)
 
     monkeypatch.setattr(storage, "write", slow)
     ledger.add([row(f"r{i}") for i in range(5)], [Spend("account", "a", 5)])
@@ -79,12 +79,12 @@ async def test_a_failed_batch_is_written_once_later_and_in_order(
     real = storage.write
     calls = 0
 
-    async def second_fails(rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+    async def second_fails(rows: Sequence[LedgerRow], spends: Sequence[Spend], **kw: bool) -> None:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise ConnectionError("the database went away")
-        await real(rows, spends)
+        await real(rows, spends, **kw)
 
     monkeypatch.setattr(storage, "write", second_fails)
     ids = [f"r{i:02}" for i in range(10)]
@@ -94,7 +94,7 @@ async def test_a_failed_batch_is_written_once_later_and_in_order(
     # The first 4 rows are in; the failed 4 and the 2 never tried wait, in order, with
     # the balance change (it goes with the last rows).
     assert await written(storage) == (0, ids[:4])
-    assert [r.id for r in ledger._rows] == ids[4:]
+    assert ledger.pending == 6
     await ledger.flush()
     assert await written(storage) == (10, ids)
     assert ledger.pending == 0
@@ -106,8 +106,8 @@ async def test_a_flush_cancelled_mid_write_counts_the_batch_once(
 ) -> None:
     real = storage.write
 
-    async def slow_answer(rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
-        await real(rows, spends)
+    async def slow_answer(rows: Sequence[LedgerRow], spends: Sequence[Spend], **kw: bool) -> None:
+        await real(rows, spends, **kw)
         await asyncio.sleep(0.2)  # committed; the answer is still on its way
 
     monkeypatch.setattr(storage, "write", slow_answer)
@@ -122,3 +122,33 @@ async def test_a_flush_cancelled_mid_write_counts_the_batch_once(
     await ledger.flush()
     spent, ids = await written(storage)
     assert (spent, len(ids), len(set(ids))) == (3000, 3000, 3000)
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+async def test_a_batch_committed_before_its_connection_was_lost_is_not_written_twice(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database committed, then the connection dropped before the answer: the writer
+    saw a failure. Trying the same batch again must not count it twice, and what came
+    meanwhile is still written."""
+    real = storage.write
+    calls: list[bool] = []
+
+    async def lost_after_commit(
+        rows: Sequence[LedgerRow], spends: Sequence[Spend], **kw: bool
+    ) -> None:
+        calls.append(kw.get("again", False))
+        await real(rows, spends, **kw)
+        if len(calls) == 1:
+            raise ConnectionResetError("connection lost after COMMIT")
+
+    monkeypatch.setattr(storage, "write", lost_after_commit)
+    ledger = LedgerWriter(storage)
+    ledger.add([row(f"r{i}") for i in range(3)], [Spend("account", "a", 3)])
+    with pytest.raises(ConnectionResetError):
+        await ledger.flush()
+    ledger.add([row("later")], [Spend("account", "a", 1)])
+    await ledger.flush()
+    assert calls == [False, True, False]
+    assert await written(storage) == (4, ["later", "r0", "r1", "r2"])
+    assert ledger.pending == 0

@@ -109,8 +109,8 @@ async def test_a_flush_cancelled_mid_write_counts_the_batch_once(
     try:
         real = storage.write
 
-        async def slow_answer(*args: object) -> None:
-            await real(*args)  # type: ignore[arg-type]
+        async def slow_answer(*args: object, **kw: bool) -> None:
+            await real(*args, **kw)  # type: ignore[arg-type]
             await asyncio.sleep(0.2)  # committed; the answer is still on its way
 
         monkeypatch.setattr(storage, "write", slow_answer)

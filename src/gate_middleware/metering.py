@@ -84,6 +84,9 @@ class LedgerWriter:
         self._interval = interval
         self._rows: list[LedgerRow] = []
         self._spends: dict[tuple[Target, str, str | None], int] = {}
+        # Batches whose write failed, kept whole: one may have been committed all the
+        # same (the connection lost after COMMIT), which only the whole batch can tell.
+        self._failed: list[tuple[list[LedgerRow], list[Spend]]] = []
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -91,7 +94,7 @@ class LedgerWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._rows)
+        return len(self._rows) + sum(len(rows) for rows, _ in self._failed)
 
     def add(self, rows: Sequence[LedgerRow], spends: Sequence[Spend] = ()) -> None:
         self._rows.extend(rows)
@@ -112,7 +115,7 @@ class LedgerWriter:
             await self._task
             self._task = None
         # Until nothing is left: a request still finishing may add rows meanwhile.
-        while self._rows or self._spends:
+        while self._rows or self._spends or self._failed:
             await self.flush()
 
     async def _run(self) -> None:
@@ -129,12 +132,16 @@ class LedgerWriter:
     def _requeue(
         self, write: asyncio.Future[None], *, rows: list[LedgerRow], spends: list[Spend]
     ) -> None:
-        if not write.cancelled() and write.exception() is None:
-            return
-        self._rows[:0] = rows
-        for spend in spends:
-            key = (spend.target, spend.target_id, spend.lease_id)
-            self._spends[key] = self._spends.get(key, 0) + spend.amount
+        if write.cancelled() or write.exception() is not None:
+            self._failed.append((rows, spends))
+
+    async def _write(self, rows: list[LedgerRow], spends: list[Spend], *, again: bool) -> None:
+        # Shielded: a cancelled flush (a shutdown) must not leave a batch half known.
+        # The write goes on; only if it fails is the batch kept to try again, so it is
+        # never both written and queued.
+        write = asyncio.ensure_future(self._storage.write(rows, spends, again=again))
+        write.add_done_callback(functools.partial(self._requeue, rows=rows, spends=spends))
+        await asyncio.shield(write)
 
     async def flush(self) -> None:
         """Write what is queued when the write starts; waits for a write already under way.
@@ -144,6 +151,8 @@ class LedgerWriter:
         transaction every ~35 ms of ~130 rows, where the interval allows 5 a second).
         """
         async with self._lock:
+            while self._failed:  # first, in order: what failed before
+                await self._write(*self._failed.pop(0), again=True)
             left = len(self._rows)
             if not (left or self._spends):
                 return
@@ -155,11 +164,6 @@ class LedgerWriter:
                 if not left:  # the balance changes go with the last rows
                     spends = [Spend(t, i, n, lease) for (t, i, lease), n in self._spends.items()]
                     self._spends = {}
-                # Shielded: a cancelled flush (a shutdown) must not leave a batch half
-                # known. The write goes on; only if it fails does the batch queue again,
-                # so it is never both written and queued.
-                write = asyncio.ensure_future(self._storage.write(rows, spends))
-                write.add_done_callback(functools.partial(self._requeue, rows=rows, spends=spends))
-                await asyncio.shield(write)
+                await self._write(rows, spends, again=False)
                 if not left:
                     return

@@ -208,9 +208,13 @@ class AccountStore(Protocol):
 
 @runtime_checkable
 class LedgerStore(Protocol):
-    async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+    async def write(
+        self, rows: Sequence[LedgerRow], spends: Sequence[Spend], *, again: bool = False
+    ) -> None:
         """Append rows and apply spends (spent += amount; leased and the lease -= amount
-        when it came from one), in one transaction."""
+        when it came from one), in one transaction. `again`: this very batch was written
+        before and failed, perhaps after its commit (a connection lost before the answer):
+        it is written only if its first row is not in the ledger."""
 
     async def rows(self, query: LedgerQuery) -> list[LedgerRow]:
         """Newest first (by `seq`), at most `query.limit`."""

@@ -232,8 +232,22 @@ class PostgresStorage:
 
     # Ledger -----------------------------------------------------------------------
 
-    async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+    async def write(
+        self, rows: Sequence[LedgerRow], spends: Sequence[Spend], *, again: bool = False
+    ) -> None:
         records = [ledger_values(row) for row in rows]
+        if again and rows:
+            first = rows[0]
+            found = await self._pool.fetchval(
+                "SELECT 1 FROM ledger WHERE id = $1 AND kind = $2 AND created = $3 "
+                "AND account_id IS NOT DISTINCT FROM $4",
+                first.id,
+                first.kind,
+                first.created,
+                first.account_id,
+            )
+            if found:
+                return  # committed the first time
         # A fixed order, so two writers never wait on each other's rows in a cycle;
         # executemany sends every spend in one round trip, run in this order.
         ordered = sorted(spends, key=lambda s: (s.target, s.target_id, s.lease_id or ""))

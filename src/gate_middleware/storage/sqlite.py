@@ -265,8 +265,14 @@ class SQLiteStorage:
 
     # Ledger -----------------------------------------------------------------------
 
-    async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+    async def write(
+        self, rows: Sequence[LedgerRow], spends: Sequence[Spend], *, again: bool = False
+    ) -> None:
         values = [ledger_values(row) for row in rows]
+        if again and values:
+            committed: bool = await self._run(_has_row, values[0])
+            if committed:
+                return  # the first time
         statements: list[tuple[str, Sequence[Any]]] = [
             (_insert(len(chunk)), list(itertools.chain.from_iterable(chunk)))
             for chunk in (
