@@ -545,6 +545,29 @@ async def test_model_limits_per_key_and_deployment_limits_for_all(
         }
 
 
+async def test_a_fallback_named_in_the_request_meets_its_model_limit(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    """A key limited to 1 request a minute on gpt-4.1 cannot get more of it by asking
+    for another model with gpt-4.1 as its fallback (OpenRouter's `models`): each attempt
+    at gpt-4.1 is charged gpt-4.1's limit for the key."""
+    limits = {**store, "models": {"openai/gpt-4.1": {"requests": "1/minute"}}}
+    # One failure cools a deployment down: gpt-4.1-nano is then skipped.
+    gateway = make_gateway(upstream, rate_limits=limits, health_failures=1, health_cooldown=60)
+    async with gateway, client_for(gateway) as client:
+        detour = {
+            "model": "openai/gpt-4.1-nano",
+            "models": ["openai/gpt-4.1"],
+            "messages": MESSAGES,
+        }
+        upstream.schedule(Fault(status=500))
+        first = await client.post("/v1/chat/completions", json=detour)
+        assert first.status_code == 200 and first.json()["model"] == "openai/gpt-4.1"
+        second = await client.post("/v1/chat/completions", json=detour)
+        assert second.status_code == 429
+        assert "model openai/gpt-4.1" in second.json()["error"]["message"]
+
+
 async def test_accounts_from_the_database_share_their_limits(
     store: dict[str, str], upstream: FakeUpstream
 ) -> None:

@@ -13,7 +13,8 @@ from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerMinute, p
 from ._windows import Limit, new_limit
 from .auth import Principal
 from .errors import ConfigurationError, NotFoundError
-from .routing import Catalogue, Deployment
+from .retry import Candidate
+from .routing import Catalogue
 from .settings import LimitSettings, RateLimitSettings
 
 __all__ = ["LimitPlans", "RequestPlan", "slot_key"]
@@ -89,18 +90,33 @@ class LimitPlans:
         return plan
 
     @property
-    def limits_upstreams(self) -> bool:
-        return bool(self._deployments)
+    def limits_attempts(self) -> bool:
+        """Whether an attempt can meet limits of its own: an upstream's, or those of a
+        model other than the one asked for (a fallback)."""
+        return bool(self._deployments or self._models)
 
-    def deployment(self, deployment: Deployment) -> tuple[Limit, ...]:
-        """An upstream's limits, charged for each attempt at it."""
-        if not self._deployments:
-            return ()
-        name = deployment.provider_name
-        return (
-            *self._deployments.get(name, ()),
-            *self._deployments.get(f"{name}/{deployment.model}", ()),
-        )
+    def attempt(self, principal: Principal, asked: str, candidate: Candidate) -> tuple[Limit, ...]:
+        """What one attempt is charged: its upstream's limits, and the key's limits for
+        the candidate's model when it is not the model asked for (those were charged at
+        admission), so a fallback named in the request escapes no model limit."""
+        limits: tuple[Limit, ...] = ()
+        if self._deployments:
+            deployment = candidate.deployment
+            name = deployment.provider_name
+            limits = (
+                *self._deployments.get(name, ()),
+                *self._deployments.get(f"{name}/{deployment.model}", ()),
+            )
+        model_id = candidate.entry.id
+        if model_id in self._models and model_id != self._model_id(asked):
+            limits += tuple(self._model_limits(principal, model_id))
+        return limits
+
+    def _model_id(self, model: str) -> str | None:
+        try:
+            return self._catalogue.resolve(model).id
+        except NotFoundError:
+            return None
 
     def visible(self, principal: Principal) -> list[Limit]:
         """Every limit a key's requests can meet, for `GET /ratelimits`."""

@@ -312,8 +312,8 @@ class Gateway(Starlette):
         limiter = self.rate_limiter
 
         async def limited(candidate: Candidate, body: dict[str, Any]) -> T:
-            # The upstream's own limits count each attempt at it, fallbacks included.
-            await limiter.reach(record, candidate.deployment)
+            # An attempt's own limits (its upstream's, a fallback model's) count each one.
+            await limiter.reach(record, candidate)
             return await call(candidate, body)
 
         def attempt(candidate: Candidate) -> Awaitable[T]:
@@ -324,7 +324,7 @@ class Gateway(Starlette):
             record.upstream_model = candidate.deployment.model
             record.attempts += 1
             body = {**upstream_body, "model": candidate.deployment.model}
-            return (limited if limiter.limits_upstreams else call)(candidate, body)
+            return (limited if limiter.limits_attempts else call)(candidate, body)
 
         return await run(
             candidates,

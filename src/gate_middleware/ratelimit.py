@@ -8,9 +8,10 @@ A request counts against every limit that applies to it, in this order:
     model       per key and model asked for
     gateway     all keys together
 and then, per attempt at an upstream (each retry and fallback too), from `reach`:
-    deployment  all keys together per upstream, to stay under the vendor's quota; a
-                full one fails the attempt like the vendor's own 429 would, so the next
-                candidate is tried, without marking the upstream unhealthy
+    deployment  all keys together per upstream, to stay under the vendor's quota
+    model       per key, for a fallback model other than the one asked for
+A full one fails the attempt like the vendor's own 429 would, so the next candidate is
+tried, without marking the upstream unhealthy.
 
 Tokens are charged up front with an estimate (prompt + `max_tokens`, or
 `completion_estimate` for a chat that names none) and corrected in `settle`:
@@ -43,7 +44,8 @@ from ._windows import Change, Limit, Taken, Windows, windows_for
 from .auth import Principal
 from .errors import RateLimitError, UpstreamLimitError
 from .record import RequestRecord
-from .routing import Catalogue, Deployment
+from .retry import Candidate
+from .routing import Catalogue
 from .settings import RateLimitSettings
 
 __all__ = ["RateLimitGuard"]
@@ -171,14 +173,15 @@ class RateLimitGuard:
             self._failed(exc, refuse=False)
 
     @property
-    def limits_upstreams(self) -> bool:
-        """Whether any upstream (deployment) has limits of its own."""
-        return self._plans.limits_upstreams
+    def limits_attempts(self) -> bool:
+        """Whether an attempt can meet limits of its own (see `reach`)."""
+        return self._plans.limits_attempts
 
-    async def reach(self, record: RequestRecord, deployment: Deployment) -> None:
-        """Charge an upstream's limits for one attempt at it; raise `UpstreamLimitError`
-        (a 429 the retry loop answers with the next candidate) when one is full."""
-        limits = self._plans.deployment(deployment)
+    async def reach(self, record: RequestRecord, candidate: Candidate) -> None:
+        """Charge one attempt's own limits (its upstream's; a fallback model's); raise
+        `UpstreamLimitError` (a 429 the retry loop answers with the next candidate) when
+        one is full."""
+        limits = self._plans.attempt(record.principal, record.model, candidate)
         if not limits or self._skip_storage():
             return
         charge = record.extra.get(_CHARGE)
