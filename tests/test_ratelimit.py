@@ -696,6 +696,22 @@ async def test_a_guards_headers_go_out_in_lower_case_beside_the_limits(
         assert answer.headers["x-ratelimit-remaining-requests"] == "4"
 
 
+async def test_a_request_refused_before_its_limits_still_tells_them(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    """A bad body or an unknown model is refused before any limit is charged; the answer
+    still carries OpenAI's headers, with nothing taken."""
+    async with limited(upstream, **store, key={"requests": "5/minute"}) as (_, client):
+        bad = await client.post("/v1/chat/completions", json={"model": "openai/gpt-4.1"})
+        unknown = await client.post("/v1/chat/completions", json={**CHAT, "model": "no/such"})
+        assert (bad.status_code, unknown.status_code) == (400, 404)
+        for response in (bad, unknown):
+            assert response.headers["x-ratelimit-limit-requests"] == "5"
+            assert response.headers["x-ratelimit-remaining-requests"] == "5"
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        assert await remaining(client, "key", "requests") == 4
+
+
 async def test_no_limits_no_headers(upstream: FakeUpstream) -> None:
     async with limited(upstream) as (_, client):
         response = await client.post("/v1/chat/completions", json=CHAT)

@@ -270,6 +270,8 @@ class Gateway(Starlette):
         record.latency_ms = (time.monotonic() - record.started) * 1000
         if error is not None:
             record.status, record.error_code = error.status, error.code
+            if not record.headers:  # refused before its limits were checked (a bad body)
+                await self.rate_limiter.tell(record)
             error.headers.update(record.headers)
         elif disconnected:
             record.status, record.error_code = 499, "client_disconnected"

@@ -172,6 +172,17 @@ class RateLimitGuard:
         except StorageError as exc:
             self._failed(exc, refuse=False)
 
+    async def tell(self, record: RequestRecord) -> None:
+        """OpenAI's headers for a request refused before admission (a bad body, an
+        unknown model): what is left of its key's limits, charged nothing."""
+        plan = self._plans.request(record.principal, record.model).limits
+        if not plan or (self._down and self._skip_storage(refuse=False)):
+            return
+        try:
+            await self._headers(plan, (), record.headers)
+        except StorageError as exc:
+            self._failed(exc, refuse=False)
+
     @property
     def limits_attempts(self) -> bool:
         """Whether an attempt can meet limits of its own (see `reach`)."""
