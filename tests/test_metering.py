@@ -146,6 +146,11 @@ async def test_disabled_expired_and_restricted_keys(upstream: FakeUpstream) -> N
         with pytest.raises(openai.PermissionDeniedError) as denied:
             await client.chat.completions.create(model="openai/gpt-4.1", messages=MESSAGES)
         assert denied.value.code == "model_not_allowed"
+        # The model list shows what the key may use, and nothing else.
+        listed = [model.id async for model in client.models.list()]
+        assert listed and all(name.startswith("openai/gpt-4o") for name in listed)
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.models.retrieve("openai/gpt-4.1")
 
         assert gateway.accounting is not None
         accounts = gateway.accounting.accounts

@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..accounts import model_allowed
+from ..errors import PermissionDeniedError
+
 if TYPE_CHECKING:
     from ..app import Gateway
 
@@ -18,13 +21,24 @@ class ModelsAPI:
         self._gateway = gateway
 
     async def list(self, request: Request) -> Response:
+        """The models this key may use (a key with `allowed_models` sees those only)."""
         record = await self._gateway.begin(request, "models")
-        cards = [entry.card() for entry in self._gateway.catalogue.entries()]
+        principal = record.principal
+        cards = [
+            entry.card()
+            for entry in self._gateway.catalogue.entries()
+            if model_allowed(principal, entry.id)
+        ]
         return JSONResponse(
             {"object": "list", "data": cards}, headers={"x-request-id": record.request_id}
         )
 
     async def retrieve(self, request: Request) -> Response:
         record = await self._gateway.begin(request, "models")
-        entry = self._gateway.catalogue.resolve(request.path_params["model_id"])
+        name = request.path_params["model_id"]
+        entry = self._gateway.catalogue.resolve(name)
+        if not model_allowed(record.principal, entry.id, name):
+            raise PermissionDeniedError(
+                f"This key may not use the model '{name}'.", param="model", code="model_not_allowed"
+            )
         return JSONResponse(entry.card(), headers={"x-request-id": record.request_id})
