@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 from .accounts import AccountKeys, Accounts, model_allowed
 from .auth import Principal, StaticKeys
@@ -60,7 +61,7 @@ class Accounting:
             leases=self.book,
         )
         self._prices: dict[str | None, Price | None] = {}
-        # Per model: the prices of every model that could answer it (fallbacks too).
+        # Per model alone: its prices and its context fallback's (see `_prices_of`).
         self._hold_prices: dict[str, list[Price]] = {}
 
     async def startup(self) -> None:
@@ -125,18 +126,13 @@ class Accounting:
             if record.endpoint == "embeddings"
             else (record.max_completion_tokens or self._max_tokens) * record.choices
         )
-        only = candidates[0].entry if len(candidates) == 1 else entry if not candidates else None
-        prices = None if only is None else self._hold_prices.get(only.id)
-        if prices is None:
-            entries = {c.entry.id: c.entry for c in candidates} if only is None else {"": only}
-            prices = [
-                p
-                for model in entries.values()
-                for m in (model.id, model.context_fallback)
-                if m and (p := self.price(m)) is not None
-            ]
-            if only is not None:
-                self._hold_prices[only.id] = prices
+        if len(candidates) <= 1:  # the usual case: one model, its prices kept
+            only = candidates[0].entry if candidates else entry
+            prices = self._hold_prices.get(only.id)
+            if prices is None:
+                prices = self._hold_prices[only.id] = self._prices_of([only])
+        else:
+            prices = self._prices_of({c.entry.id: c.entry for c in candidates}.values())
         if not prices:
             return
         prompt = record.estimated_prompt_tokens
@@ -151,6 +147,16 @@ class Accounting:
         if principal.spend_limit is not None and principal.key_id:
             wanted.append((self.book.purse("key", principal.key_id), most[-1]))
         record.extra["holds"] = await self.book.hold(wanted)
+
+    def _prices_of(self, models: Iterable[ModelEntry]) -> list[Price]:
+        """The prices of these models, and of the longer-context model each may hand a
+        long prompt to."""
+        return [
+            price
+            for model in models
+            for model_id in (model.id, model.context_fallback)
+            if model_id and (price := self.price(model_id)) is not None
+        ]
 
     def _refusal(self, principal: Principal, entry: ModelEntry, asked: str) -> GateError | None:
         """Why this key may not be answered by this model, if it may not."""
