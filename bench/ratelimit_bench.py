@@ -34,6 +34,7 @@ from _servers import KEY, ensure_wrk, free_port, run_wrk, serve, stop  # noqa: E
 
 from gate_middleware import GateSettings, Gateway, Principal, RequestRecord  # noqa: E402
 from gate_middleware.demo import create_app  # noqa: E402
+from gate_middleware.retry import Candidate  # noqa: E402
 
 LIMITS: dict[str, Any] = {
     "key": {"requests": "10000000/minute", "tokens": "1000000000/minute", "concurrency": 10000}
@@ -83,13 +84,14 @@ async def guard_cost(limits: dict[str, Any], requests: int, parallel: int, keys:
     """CPU microseconds of admit + settle per request, in this process."""
     gateway = Gateway(GateSettings(api_keys=[KEY], rate_limits=limits))
     guard = gateway.rate_limiter
-    deployment = gateway.catalogue.resolve("openai/gpt-4.1").deployments[0]
+    entry = gateway.catalogue.resolve("openai/gpt-4.1")
+    candidate = Candidate(entry, entry.deployments[0])
     principals = [Principal(f"key-{n}", "sk-bench...") for n in range(keys)]
 
     async def one(n: int, principal: Principal = principals[0]) -> None:
         record = _record(principal, n)
         await guard.admit(record)
-        await guard.reach(record, deployment)  # the one attempt at the upstream
+        await guard.reach(record, candidate)  # the one attempt at the upstream
         record.usage_reported, record.prompt_tokens, record.completion_tokens = True, 12, 16
         await guard.settle(record)
 
