@@ -38,7 +38,9 @@ def unwritten_gateway() -> Any:
 
     app = create_app(tune=True)
 
-    async def nowhere(rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
+    async def nowhere(
+        rows: Sequence[LedgerRow], spends: Sequence[Spend], *, again: bool = False
+    ) -> None:
         pass
 
     app.state.gateway.accounting.storage.write = nowhere
