@@ -26,6 +26,7 @@ def assert_openai_error(body: dict, *, param: str | None = None, code: str | Non
     [
         ({"messages": MESSAGES}, "model"),
         ({"model": 5, "messages": MESSAGES}, "model"),
+        ({"model": "openai/gpt-4.1\u0000", "messages": MESSAGES}, "model"),
         ({"model": "openai/gpt-4.1"}, "messages"),
         ({"model": "openai/gpt-4.1", "messages": "hi"}, "messages"),
         ({"model": "openai/gpt-4.1", "messages": []}, "messages"),

@@ -514,6 +514,8 @@ async def test_a_stream_the_upstream_cuts_after_content_is_billed_its_estimate(
             "completion_tokens": 5,
             "prompt_tokens_details": {"cached_tokens": -7},
         },
+        {},
+        {"prompt_tokens": 10.0, "completion_tokens": 5.0},
     ],
 )
 async def test_usage_no_request_can_have_is_not_believed(
@@ -584,3 +586,41 @@ async def test_a_graceful_stop_under_load_loses_no_row(tmp_path: object) -> None
         assert len(rows) == 40 and {r.status for r in rows} == {200}
         credits, spent = await balance(again, account)
         assert spent == sum(r.amount for r in rows) == 40 * (PROMPT * IN + 2 * OUT)
+
+
+async def test_a_batchs_balance_changes_travel_with_its_rows(upstream: FakeUpstream) -> None:
+    """A guard of the host's that awaits while the request settles lets a flush run
+    between the quota's settlement and the ledger row: the spends must not leave alone
+    (a failed batch of spends alone could not tell whether it was committed)."""
+    from gate_middleware.storage import Spend
+
+    class Awaiting:
+        async def admit(self, record: object) -> None:
+            pass
+
+        async def settle(self, record: object) -> None:
+            assert gateway.accounting is not None
+            await gateway.accounting.writer.flush()
+
+    gateway = make_billing_gateway(upstream, "memory://")
+    gateway.guards.append(Awaiting())
+    async with gateway:
+        assert gateway.accounting is not None
+        storage = gateway.accounting.storage
+        real = storage.write
+        batches: list[tuple[int, int]] = []
+
+        async def spy(rows: list[LedgerRow], spends: list[Spend], **kw: bool) -> None:
+            batches.append((len(rows), len(spends)))
+            await real(rows, spends, **kw)
+
+        storage.write = spy  # type: ignore[method-assign]
+        account, secret = await fund(gateway, "1")
+        async with client_for(gateway, secret) as http:
+            response = await http.post(
+                "/v1/chat/completions", json={"model": "openai/gpt-4.1", "messages": MESSAGES}
+            )
+            assert response.status_code == 200
+        [row] = await ledger(gateway, account, kind="request")
+        assert await balance(gateway, account) == (10**9, row.amount)
+        assert batches and all(rows for rows, spends in batches if spends)

@@ -712,6 +712,21 @@ async def test_a_request_refused_before_its_limits_still_tells_them(
         assert await remaining(client, "key", "requests") == 4
 
 
+async def test_embeddings_token_limits_ignore_chat_fields(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    """`max_tokens` and `n` mean nothing to embeddings: sent anyway, huge, they must not
+    inflate the token charge (on Redis past its integers: the limits were then taken
+    for down, and everyone went unchecked)."""
+    limits = {**store, "deployments": {"openai": {"tokens": "1000000/minute"}}}
+    async with limited(upstream, **limits) as (_, client):
+        body = {"model": "openai/text-embedding-3-small", "input": "hello"}
+        huge = {**body, "max_tokens": 9 * 10**18, "n": 4}
+        assert (await client.post("/v1/embeddings", json=huge)).status_code == 200
+        left = await remaining(client, "deployment", "tokens")
+        assert left >= 1000000 - 10
+
+
 async def test_no_limits_no_headers(upstream: FakeUpstream) -> None:
     async with limited(upstream) as (_, client):
         response = await client.post("/v1/chat/completions", json=CHAT)

@@ -344,3 +344,36 @@ async def test_timeouts_are_retried(records: list[RequestRecord]) -> None:
             )
     assert raw.headers["x-gate-attempts"] == "2"
     assert records[-1].attempts == 2 and records[-1].status == 200
+
+
+async def test_a_context_fallback_the_key_may_not_use_is_never_tried(
+    a: FakeUpstream, b: FakeUpstream
+) -> None:
+    """A key allowed only house/solo: a prompt too long for it is not handed to the
+    longer-context house/long, which the key may not use; the upstream's error stands."""
+    from .conftest import fund
+
+    gateway = build(
+        a,
+        b,
+        api_keys=[],
+        admin_key="sk-admin-context",
+        database_url="memory://",
+        unpriced_models="free",
+        models={
+            "house/solo": {"deployments": [{"provider": "a"}], "context_fallback": "house/long"},
+            "house/long": {"deployments": [{"provider": "b", "model": "long"}]},
+        },
+    )
+    async with gateway:
+        _, secret = await fund(gateway, "1", key={"allowed_models": ["house/solo"]})
+        a.schedule(Fault(status=400, message="This model's maximum context length is 8192."))
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=mounted(gateway)),
+            base_url="http://gate.test",
+            headers={"authorization": f"Bearer {secret}"},
+        ) as http:
+            body = {"model": "house/solo", "messages": MESSAGES}
+            response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and "context length" in response.json()["error"]["message"]
+    assert len(b.requests) == 0

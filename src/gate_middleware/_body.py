@@ -76,6 +76,8 @@ def _model(body: dict[str, Any]) -> str:
         raise InvalidRequestError("You must provide a model parameter.", param="model")
     if not isinstance(model, str) or not model:
         raise _type_error("model", "a non-empty string", model)
+    if "\x00" in model:  # no database stores it: its ledger row would fail every batch
+        raise InvalidRequestError("Invalid 'model': it contains a NUL character.", param="model")
     return model
 
 

@@ -7,6 +7,7 @@ also those refused before any call). The gateway builds it when a database is se
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -119,6 +120,10 @@ class Accounting:
         candidates = record.candidates
         if len(candidates) > 1 or (candidates and candidates[0].entry is not entry):
             candidates = record.candidates = self._servable(principal, candidates)
+        for candidate in candidates:
+            if candidate.entry.context_fallback is not None:
+                candidates = record.candidates = self._long_prompts(principal, candidates)
+                break
         if self.book is None:
             return
         completion = (
@@ -157,6 +162,20 @@ class Accounting:
             for model_id in (model.id, model.context_fallback)
             if model_id and (price := self.price(model_id)) is not None
         ]
+
+    def _long_prompts(self, principal: Principal, candidates: list[Candidate]) -> list[Candidate]:
+        """A candidate's context fallback (tried with a prompt too long for it) that the key
+        may not use, or that cannot be billed, is taken off it."""
+        kept = list(candidates)
+        for n, candidate in enumerate(candidates):
+            name = candidate.entry.context_fallback
+            if name is None:
+                continue
+            longer = self._catalogue.resolve(name)
+            if self._refusal(principal, longer, longer.id) is not None:
+                entry = dataclasses.replace(candidate.entry, context_fallback=None)
+                kept[n] = Candidate(entry, candidate.deployment)
+        return kept
 
     def _refusal(self, principal: Principal, entry: ModelEntry, asked: str) -> GateError | None:
         """Why this key may not be answered by this model, if it may not."""
@@ -211,7 +230,9 @@ class Accounting:
             ]
         if principal.key_id and not key_held:
             spends.append(Spend("key", principal.key_id, costs[-1]))  # the key's usage
-        self.writer.add((), [s for s in spends if s.amount])
+        # Queued with the ledger rows, by the record hook: a batch's spends then always
+        # travel with rows, whose first one tells whether a failed batch was committed.
+        record.extra["spends"] = [s for s in spends if s.amount]
 
     # Record hook -------------------------------------------------------------------
 
@@ -221,4 +242,4 @@ class Accounting:
         costs = record.extra.get("costs")
         if costs is None:
             costs = request_cost(record, self.price(record.model_id) if record.model_id else None)
-        self.writer.add(ledger_rows(record, costs, time.time()))
+        self.writer.add(ledger_rows(record, costs, time.time()), record.extra.pop("spends", ()))

@@ -246,10 +246,11 @@ class Gateway(Starlette):
         if entry is not None:
             record.candidates = plan(self.catalogue, entry, body)
         record.estimated_prompt_tokens = estimate_prompt_tokens(body)
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        record.max_completion_tokens = limit if isinstance(limit, int) else None
-        choices = body.get("n")
-        record.choices = choices if isinstance(choices, int) and choices > 1 else 1
+        if record.endpoint.startswith("chat"):  # checked and bounded there (_body.py)
+            limit = body.get("max_completion_tokens") or body.get("max_tokens")
+            record.max_completion_tokens = limit if isinstance(limit, int) else None
+            choices = body.get("n")
+            record.choices = choices if isinstance(choices, int) and choices > 1 else 1
         admitted: list[Guard] = []
         try:
             for guard in self.guards:
@@ -275,18 +276,34 @@ class Gateway(Starlette):
             error.headers.update(record.headers)
         elif disconnected:
             record.status, record.error_code = 499, "client_disconnected"
+        cancelled: BaseException | None = None
         if record.admitted:
             record.admitted = False  # settle exactly once
-            for guard in self.guards:
+            for n, guard in enumerate(self.guards):
                 try:
-                    await guard.settle(record)
-                except Exception:
-                    logger.exception("A guard failed to settle (request %s).", record.request_id)
+                    await self._settle(guard, record)
+                except BaseException as exc:
+                    # Cancelled mid-settlement (a host's timeout, a client gone): the
+                    # other guards settle regardless, and the row is written.
+                    cancelled = exc
+                    with anyio.CancelScope(shield=True):
+                        for other in self.guards[n + 1 :]:
+                            await self._settle(other, record)
+                    break
         for hook in self.record_hooks:
             try:
                 hook(record)
             except Exception:
                 logger.exception("A record hook failed (request %s).", record.request_id)
+        if cancelled is not None:
+            raise cancelled
+
+    @staticmethod
+    async def _settle(guard: Guard, record: RequestRecord) -> None:
+        try:
+            await guard.settle(record)
+        except Exception:
+            logger.exception("A guard failed to settle (request %s).", record.request_id)
 
     async def abandon(self, record: RequestRecord, exc: BaseException) -> None:
         """Close the record of a request ended by anything but a `GateError`: a bug, or

@@ -99,7 +99,7 @@ class LeaseBook:
             for purse, amount in wanted:
                 if purse.leases and now >= purse.until:
                     await self._keep(purse)
-                if purse.free < amount:
+                while purse.free < amount:  # `free` can drop while a lease is awaited
                     await self._top_up(purse, amount)
                 purse.free -= amount
                 purse.held += amount

@@ -145,8 +145,11 @@ def usage_into(record: RequestRecord, usage: Any) -> None:
     negative one would credit the caller, a huge one overflow the ledger's integers.
     The request is then billed on its estimate, as if no usage had come.
     """
-    if not isinstance(usage, dict):
-        return
+    if not isinstance(usage, dict) or not (
+        isinstance(usage.get("prompt_tokens"), int)
+        or isinstance(usage.get("completion_tokens"), int)
+    ):
+        return  # no count: not a usage (`{}` would bill nothing)
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
     counts = (
