@@ -309,3 +309,23 @@ async def test_a_process_cut_off_from_its_leases_stops_spending_them(tmp_path: P
         await b.accounting.writer.flush()
         found = await a.accounting.storage.account(account)
         assert found is not None and found.spent <= found.credits
+
+
+async def test_the_larger_token_limit_sent_is_held_and_an_unreachable_database_is_503() -> None:
+    gateway = make_billing_gateway(FakeUpstream(), "memory://")
+    async with gateway:
+        _, secret = await fund(gateway, "0.001")  # 1 m nanodollars
+        body = {"model": NANO, "messages": MESSAGES, "max_completion_tokens": 10}
+        async with client_for(gateway, secret) as http:
+            # 100,000 tokens of gpt-4.1-nano: 40 m nanodollars, whichever field says it.
+            both = await http.post("/v1/chat/completions", json={**body, "max_tokens": 100_000})
+            assert both.status_code == 402
+            assert gateway.accounting is not None
+
+            async def unreachable(*args: object, **kwargs: object) -> None:
+                raise ConnectionRefusedError("the database is down")
+
+            gateway.accounting.storage.lease = unreachable  # type: ignore[method-assign,assignment]
+            down = await http.post("/v1/chat/completions", json=body)
+            assert down.status_code == 503
+            assert down.json()["error"]["code"] == "service_unavailable"

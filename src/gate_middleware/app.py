@@ -247,7 +247,10 @@ class Gateway(Starlette):
             record.candidates = plan(self.catalogue, entry, body)
         record.estimated_prompt_tokens = estimate_prompt_tokens(body)
         if record.endpoint.startswith("chat"):  # checked and bounded there (_body.py)
-            limit = body.get("max_completion_tokens") or body.get("max_tokens")
+            # Both may come (an SDK sends one, a tool adds the other): the larger binds.
+            limit, other = body.get("max_completion_tokens"), body.get("max_tokens")
+            if isinstance(other, int) and not (isinstance(limit, int) and limit >= other):
+                limit = other
             record.max_completion_tokens = limit if isinstance(limit, int) else None
             choices = body.get("n")
             record.choices = choices if isinstance(choices, int) and choices > 1 else 1
@@ -281,7 +284,9 @@ class Gateway(Starlette):
             record.admitted = False  # settle exactly once
             for n, guard in enumerate(self.guards):
                 try:
-                    await self._settle(guard, record)
+                    await guard.settle(record)
+                except Exception:
+                    logger.exception("A guard failed to settle (request %s).", record.request_id)
                 except BaseException as exc:
                     # Cancelled mid-settlement (a host's timeout, a client gone): the
                     # other guards settle regardless, and the row is written.

@@ -117,14 +117,18 @@ class LeaseBook:
             if purse.free >= amount:
                 return  # another request leased meanwhile
             need = amount - purse.free
-            lease = await self._storage.lease(
-                purse.target,
-                purse.target_id,
-                need=need,
-                want=max(need, self._slice),
-                owner=self.owner,
-                expires_at=time.time() + self._seconds,
-            )
+            try:
+                lease = await self._storage.lease(
+                    purse.target,
+                    purse.target_id,
+                    need=need,
+                    want=max(need, self._slice),
+                    owner=self.owner,
+                    expires_at=time.time() + self._seconds,
+                )
+            except Exception as exc:
+                logger.error("Leasing from %s failed: %s", purse.target_id, exc)
+                raise _unreachable() from None
             if lease is None:
                 what = "account" if purse.target == "account" else "API key"
                 raise InsufficientQuotaError(
@@ -147,10 +151,7 @@ class LeaseBook:
                 renewed = await self._storage.renew(list(sent), time.time() + self._seconds)
             except Exception as exc:
                 logger.error("Renewing the leases of %s failed: %s", purse.target_id, exc)
-                raise ServiceUnavailableError(
-                    "Balances cannot be checked right now: their database is out of reach. "
-                    "Please try again shortly."
-                ) from None
+                raise _unreachable() from None
             self._renewed(purse, sent, renewed, time.time() + self._seconds)
 
     def _renewed(self, purse: Purse, sent: set[str], renewed: set[str], expires_at: float) -> None:
@@ -247,3 +248,10 @@ class LeaseBook:
         await self._writer.flush()
         for lease in leases:
             await self._storage.release(lease.id)
+
+
+def _unreachable() -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "Balances cannot be checked right now: their database is out of reach. "
+        "Please try again shortly."
+    )
