@@ -152,3 +152,34 @@ async def test_a_batch_committed_before_its_connection_was_lost_is_not_written_t
     assert calls == [False, True, False]
     assert await written(storage) == (4, ["later", "r0", "r1", "r2"])
     assert ledger.pending == 0
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_stop_waits_for_a_write_a_cancelled_flush_left_running(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown cancels a flush mid-write; the write goes on and then fails. `stop`
+    must wait for it and write the batch again, not return with it still in the air."""
+    real = storage.write
+    calls = 0
+
+    async def slow_then_lost(
+        rows: Sequence[LedgerRow], spends: Sequence[Spend], **kw: bool
+    ) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.2)
+            raise ConnectionError("the database went away")
+        await real(rows, spends, **kw)
+
+    monkeypatch.setattr(storage, "write", slow_then_lost)
+    ledger = LedgerWriter(storage)
+    ledger.add([row("r0")], [Spend("account", "a", 1)])
+    flushing = asyncio.ensure_future(ledger.flush())
+    await asyncio.sleep(0.05)
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    await ledger.stop()
+    assert calls == 2 and await written(storage) == (1, ["r0"])

@@ -87,6 +87,7 @@ class LedgerWriter:
         # Batches whose write failed, kept whole: one may have been committed all the
         # same (the connection lost after COMMIT), which only the whole batch can tell.
         self._failed: list[tuple[list[LedgerRow], list[Spend]]] = []
+        self._writing: set[asyncio.Future[None]] = set()  # left running by a cancelled flush
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -114,8 +115,11 @@ class LedgerWriter:
         if self._task is not None:
             await self._task
             self._task = None
-        # Until nothing is left: a request still finishing may add rows meanwhile.
-        while self._rows or self._spends or self._failed:
+        # Until nothing is left: a request still finishing may add rows meanwhile, and
+        # a write a cancelled flush left running may yet fail (its batch then kept).
+        while self._rows or self._spends or self._failed or self._writing:
+            if self._writing:
+                await asyncio.wait(set(self._writing))
             await self.flush()
 
     async def _run(self) -> None:
@@ -141,6 +145,8 @@ class LedgerWriter:
         # never both written and queued.
         write = asyncio.ensure_future(self._storage.write(rows, spends, again=again))
         write.add_done_callback(functools.partial(self._requeue, rows=rows, spends=spends))
+        self._writing.add(write)
+        write.add_done_callback(self._writing.discard)
         await asyncio.shield(write)
 
     async def flush(self) -> None:
