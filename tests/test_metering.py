@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from decimal import Decimal
 
 import httpx2
@@ -624,3 +625,46 @@ async def test_a_batchs_balance_changes_travel_with_its_rows(upstream: FakeUpstr
         [row] = await ledger(gateway, account, kind="request")
         assert await balance(gateway, account) == (10**9, row.amount)
         assert batches and all(rows for rows, spends in batches if spends)
+
+
+async def test_a_stream_gone_before_its_first_byte_still_settles(upstream: FakeUpstream) -> None:
+    """The client leaves while the stream's headers are being sent (a server whose send
+    waits): the stream's body never starts, and yet its hold goes back and its row is
+    written, billed the estimate of what the upstream was asked."""
+    gateway = make_billing_gateway(upstream, "memory://")
+    async with gateway:
+        account, secret = await fund(gateway, "1")
+        body = {"model": "openai/gpt-4.1", "messages": MESSAGES, "stream": True}
+        messages = [{"type": "http.request", "body": json.dumps(body).encode()}]
+        gone = asyncio.Event()
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                gone.set()  # the client hangs up while the headers are on their way
+                await asyncio.sleep(1)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/chat/completions",
+            "raw_path": b"/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "server": ("t", 80),
+            "client": ("c", 1),
+            "headers": [(b"authorization", f"Bearer {secret}".encode())],
+        }
+        await asyncio.wait_for(gateway(scope, receive, send), 5)
+        [row] = await ledger(gateway, account, kind="request")
+        assert row.status == 499
+        assert gateway.accounting is not None and gateway.accounting.book is not None
+        assert gateway.accounting.book.purse("account", account).held == 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import anyio
 from starlette.types import Receive, Scope, Send
 
 __all__ = ["DONE", "EventStreamResponse", "frame", "iter_sse_data"]
@@ -60,9 +61,17 @@ class EventStreamResponse:
     watcher task that cancels the sending task costs less on every stream.
     """
 
-    def __init__(self, body: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        headers: list[tuple[bytes, bytes]],
+        unsent: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.body = body
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), *headers]
+        # Run if the body never started (cancelled while the headers went out): a body
+        # generator that never ran does not run its own clean-up when closed.
+        self.unsent = unsent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
@@ -77,8 +86,10 @@ class EventStreamResponse:
                 task.cancel()
 
         watcher = asyncio.get_running_loop().create_task(watch())
+        started = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            started = True
             async for chunk in self.body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             state["done"] = True
@@ -92,3 +103,6 @@ class EventStreamResponse:
         finally:
             state["done"] = True
             watcher.cancel()
+            if not started and self.unsent is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.unsent()

@@ -142,8 +142,14 @@ class ChatAPI(Endpoint):
                     await _close(chunks)
                     await gateway.finish(record, error, disconnected=disconnected)
 
+        async def unsent() -> None:
+            await _close(chunks)
+            await gateway.finish(record, disconnected=True)
+
         return EventStreamResponse(
-            events(), encode_headers({**answer_headers(record, opened), **_STREAM_HEADERS})
+            events(),
+            encode_headers({**answer_headers(record, opened), **_STREAM_HEADERS}),
+            unsent,
         )
 
 
