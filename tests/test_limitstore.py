@@ -222,3 +222,30 @@ async def test_a_caller_cancelled_as_its_answer_arrives_hands_the_answer_on() ->
     assert abandoned == [[1]]
     assert await other == [1]
     await batcher.aclose()
+
+
+async def test_a_free_is_sent_even_when_its_caller_is_cancelled_before_it_leaves(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request settling on Redis frees its slot; cancelled while that free still waits
+    for the pipeline in flight, the free must leave all the same: else the key's slot
+    stays taken until its lease ends (15 minutes by default)."""
+    store = await open_store(redis_url, prefix)
+    pipelines = Pipelines(monkeypatch)
+    try:
+        token, _ = await store.apply([], take=("key", 5))
+        assert token is not None and await store.count("key") == 1
+        pipelines.go.clear()
+        blocker = asyncio.create_task(store.apply([("window", 60, 1)]))
+        await pipelines.answered.wait()  # a pipeline in flight: the free must queue
+        freeing = asyncio.create_task(store.apply([], free=[("key", token)]))
+        await asyncio.sleep(0)
+        freeing.cancel()
+        pipelines.go.set()
+        await blocker
+        with pytest.raises(asyncio.CancelledError):
+            await freeing
+        await store.apply([])  # the next pipeline has gone
+        assert await store.count("key") == 0
+    finally:
+        await store.aclose()

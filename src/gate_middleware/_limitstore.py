@@ -220,7 +220,8 @@ class RedisStore:
             for key, expiry, amount in counts
         ]
         try:
-            replies = await self._batch.run(commands, release)
+            # Frees go even if this caller is cancelled: a slot must not wait for its lease.
+            replies = await self._batch.run(commands, release, keep=bool(free))
         except self._errors as exc:
             raise StorageError(exc) from exc
         for reply in replies:

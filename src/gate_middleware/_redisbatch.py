@@ -9,8 +9,9 @@ Each caller gets its own replies; an error of the pipeline as a whole (the conne
 a timeout) reaches every caller that was in it.
 
 The pipeline runs in a task of its own, so a caller cancelled while it waits breaks
-nothing for the others: if its call was not sent yet it is dropped, else its replies
-go to its `abandoned` callback, to undo what its caller will never know was done.
+nothing for the others: if its call was not sent yet it is dropped (unless it must be
+kept: it frees a slot others wait for), else its replies go to its `abandoned`
+callback, to undo what its caller will never know was done.
 """
 
 from __future__ import annotations
@@ -33,17 +34,19 @@ Abandoned = Callable[[list[Any]], None]
 
 
 class _Call:
-    __slots__ = ("abandoned", "commands", "future")
+    __slots__ = ("abandoned", "commands", "future", "keep")
 
     def __init__(
         self,
         commands: list[Command],
         future: asyncio.Future[list[Any]] | None,
         abandoned: Abandoned | None,
+        keep: bool = False,
     ) -> None:
         self.commands = commands
         self.future = future  # None: nobody waits for the replies
         self.abandoned = abandoned
+        self.keep = keep  # sent even if its caller is gone (it frees what others wait on)
 
 
 class Batcher:
@@ -53,10 +56,13 @@ class Batcher:
         self._queue: deque[_Call] = deque()
         self._task: asyncio.Task[None] | None = None
 
-    async def run(self, commands: list[Command], abandoned: Abandoned | None = None) -> list[Any]:
-        """The replies to `commands`, sent in the next pipeline with whatever else waits."""
+    async def run(
+        self, commands: list[Command], abandoned: Abandoned | None = None, *, keep: bool = False
+    ) -> list[Any]:
+        """The replies to `commands`, sent in the next pipeline with whatever else waits.
+        `keep`: sent even if this caller is cancelled before they leave."""
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Call(commands, future, abandoned))
+        self._queue.append(_Call(commands, future, abandoned, keep))
         self._start()
         try:
             return await future
@@ -92,7 +98,7 @@ class Batcher:
         size = 0
         while self._queue:
             call = self._queue[0]
-            if call.future is not None and call.future.done():
+            if call.future is not None and call.future.done() and not call.keep:
                 self._queue.popleft()  # its caller was cancelled before it was sent
                 continue
             if batch and size + len(call.commands) > self._max:
