@@ -7,20 +7,46 @@ also those refused before any call). The gateway builds it when a database is se
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 
 from .accounts import AccountKeys, Accounts, model_allowed
-from .auth import StaticKeys
+from .auth import Principal, StaticKeys
 from .errors import InvalidRequestError, PermissionDeniedError
 from .metering import LedgerWriter, ledger_rows, request_cost
-from .pricing import Price, level_costs, nanos_from_usd, price_of
-from .quota import LeaseBook
+from .pricing import Price, Rates, level_costs, level_rates, nanos_from_usd, price_of
+from .quota import LeaseBook, Purse
 from .record import RequestRecord
 from .routing import Catalogue
 from .settings import GateSettings
 from .storage import Spend, Storage
 
 __all__ = ["Accounting"]
+
+_MAX_CACHED = 10_000  # payers and models; cleared when full
+_HELD = "gate.held"  # record.extra: (payer, what was held)
+_COSTS = "gate.costs"  # record.extra: what each level was charged
+
+
+@dataclass(frozen=True, slots=True)
+class _Payer:
+    """What a principal's requests need for money, worked out once per principal."""
+
+    principal: Principal
+    rates: Rates
+    purses: tuple[Purse, ...]  # every account's, root first, then the key's if limited
+    accounts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """A requested model name: the model it resolves to, its price, and the prices of
+    every model that could answer it (fallbacks too), for the hold."""
+
+    id: str
+    price: Price | None
+    hold_prices: tuple[Price, ...]
 
 
 class Accounting:
@@ -53,8 +79,10 @@ class Accounting:
             storage, max_credit=nanos_from_usd(settings.max_credit_usd), on_change=self.keys.forget
         )
         self._prices: dict[str | None, Price | None] = {}
-        # Per model: the prices of every model that could answer it (fallbacks too).
-        self._hold_prices: dict[str, list[Price]] = {}
+        self._models: dict[str, _Model] = {}
+        # By key id, for as long as the key's principal stays the same: a change to the
+        # key or an account above it makes a new principal (see AccountKeys.forget).
+        self._payers: dict[str, _Payer] = {}
 
     async def startup(self) -> None:
         await self.storage.open()
@@ -73,8 +101,46 @@ class Accounting:
     def price(self, model_id: str | None) -> Price | None:
         if model_id not in self._prices:
             entry = self._catalogue.resolve(model_id) if model_id else None
+            if len(self._prices) >= _MAX_CACHED:
+                self._prices.clear()
             self._prices[model_id] = price_of(entry) if entry else None
         return self._prices[model_id]
+
+    def _payer(self, principal: Principal) -> _Payer:
+        payer = self._payers.get(principal.id)
+        if payer is not None and payer.principal is principal:
+            return payer
+        if len(self._payers) >= _MAX_CACHED:
+            self._payers.clear()
+        if payer is not None and payer.principal == principal:  # the key looked up again
+            payer = dataclasses.replace(payer, principal=principal)
+        else:
+            purses: list[Purse] = []
+            if self.book is not None:
+                purses = [self.book.purse("account", level.account_id) for level in principal.chain]
+                if principal.spend_limit is not None and principal.key_id:
+                    purses.append(self.book.purse("key", principal.key_id))
+            payer = _Payer(
+                principal,
+                level_rates(principal),
+                tuple(purses),
+                tuple(level.account_id for level in principal.chain),
+            )
+        self._payers[principal.id] = payer
+        return payer
+
+    def _model(self, name: str) -> _Model:
+        entry = self._catalogue.resolve(name)
+        candidates = (entry.id, *entry.fallbacks, *filter(None, [entry.context_fallback]))
+        model = _Model(
+            entry.id,
+            self.price(entry.id),
+            tuple(p for m in candidates if (p := self.price(m)) is not None),
+        )
+        if len(self._models) >= _MAX_CACHED:
+            self._models.clear()
+        self._models[name] = model
+        return model
 
     # Guard -------------------------------------------------------------------------
 
@@ -87,74 +153,68 @@ class Accounting:
             )
         if not principal.chain:
             return  # a settings key: metered, no balance
+        payer = self._payers.get(principal.id)
+        if payer is None or payer.principal is not principal:
+            payer = self._payer(principal)
         if not record.model:
             # A host route's own request (GateMiddleware): no model of its own, so only
-            # a balance check, a hold of the least amount, given back when it settles.
-            if self.book is not None:
-                wanted = [
-                    (self.book.purse("account", lvl.account_id), 1) for lvl in principal.chain
-                ]
-                record.extra["holds"] = await self.book.hold(wanted)
+            # a balance check, a hold of the least amount at each account, given back
+            # when it settles.
+            if payer.purses:
+                await self._hold(record, payer, [1] * len(principal.chain))
             return
         # The model that answers is known only after the call (retries may fall back
         # to another), so the hold covers the dearest model that could answer.
-        entry = self._catalogue.resolve(record.model)
-        if not model_allowed(principal, entry.id, record.model):
+        model = self._models.get(record.model) or self._model(record.model)
+        if principal.allowed_models is not None and not model_allowed(
+            principal, model.id, record.model
+        ):
             raise PermissionDeniedError(
                 f"This key may not use the model '{record.model}'.",
                 param="model",
                 code="model_not_allowed",
             )
-        price = self.price(entry.id)
-        if price is None and self._reject_unpriced:
+        if model.price is None and self._reject_unpriced:
             raise InvalidRequestError(
                 f"The model '{record.model}' has no price on this gateway, so it cannot be billed.",
                 param="model",
                 code="model_not_priced",
             )
-        if self.book is None:
+        if not (payer.purses and model.hold_prices):
             return
         completion = (
             0
             if record.endpoint == "embeddings"
             else (record.max_completion_tokens or self._max_tokens)
         )
-        prices = self._hold_prices.get(entry.id)
-        if prices is None:
-            candidates = (entry.id, *entry.fallbacks, *filter(None, [entry.context_fallback]))
-            prices = self._hold_prices[entry.id] = [
-                p for m in candidates if (p := self.price(m)) is not None
-            ]
-        if not prices:
-            return
         prompt = record.estimated_prompt_tokens
-        base = prices[0].cost(prompt, completion)
-        for other in prices[1:]:
-            base = max(base, other.cost(prompt, completion))
-        most = level_costs(base, principal)
-        wanted = [
-            (self.book.purse("account", level.account_id), cost)
-            for level, cost in zip(principal.chain, most)
-        ]
-        if principal.spend_limit is not None and principal.key_id:
-            wanted.append((self.book.purse("key", principal.key_id), most[-1]))
-        record.extra["holds"] = await self.book.hold(wanted)
+        base = max(price.cost(prompt, completion) for price in model.hold_prices)
+        most = level_costs(base, payer.rates)
+        if len(payer.purses) > len(most):
+            most.append(most[-1])  # the key's own spend limit
+        await self._hold(record, payer, most)
+
+    async def _hold(self, record: RequestRecord, payer: _Payer, amounts: list[int]) -> None:
+        assert self.book is not None
+        holds = await self.book.hold(list(zip(payer.purses, amounts)))
+        record.extra[_HELD] = (payer, holds)
 
     async def settle(self, record: RequestRecord) -> None:
         principal = record.principal
         if not principal.chain:
             return
-        costs = request_cost(record, self.price(record.model_id))
-        record.extra["costs"] = costs
-        holds = record.extra.pop("holds", None)
+        held = record.extra.pop(_HELD, None)
+        payer = held[0] if held is not None else self._payer(principal)
+        costs = request_cost(record, self.price(record.model_id), payer.rates)
+        record.extra[_COSTS] = costs
         key_held = False
-        if holds is not None and self.book is not None:
+        if held is not None and self.book is not None:
+            holds = held[1]
             key_held = len(holds) > len(costs)
-            spends = self.book.settle(holds, costs + [costs[-1]] * (len(holds) - len(costs)))
+            spends = self.book.settle(holds, [*costs, costs[-1]] if key_held else costs)
         else:
             spends = [
-                Spend("account", level.account_id, cost)
-                for level, cost in zip(principal.chain, costs)
+                Spend("account", account, cost) for account, cost in zip(payer.accounts, costs)
             ]
         if principal.key_id and not key_held:
             spends.append(Spend("key", principal.key_id, costs[-1]))  # the key's usage
@@ -165,7 +225,8 @@ class Accounting:
     def record(self, record: RequestRecord) -> None:
         if record.endpoint == "route":
             return  # a host route's own request: its model calls carry its route and id
-        costs = record.extra.get("costs")
+        costs = record.extra.get(_COSTS)
         if costs is None:
-            costs = request_cost(record, self.price(record.model_id) if record.model_id else None)
+            price = self.price(record.model_id) if record.model_id else None
+            costs = request_cost(record, price, level_rates(record.principal))
         self.writer.add(ledger_rows(record, costs, time.time()))

@@ -14,7 +14,7 @@ import functools
 import logging
 from collections.abc import Sequence
 
-from .pricing import Price, level_costs
+from .pricing import Price, Rates, level_costs
 from .record import RequestRecord
 from .storage import LedgerRow, LedgerStore, Spend, Target
 
@@ -23,15 +23,16 @@ __all__ = ["LedgerWriter", "ledger_rows", "request_cost"]
 logger = logging.getLogger("gate_middleware.ledger")
 
 
-def request_cost(record: RequestRecord, price: Price | None) -> list[int]:
-    """Per level of the caller's chain, root first; estimates usage the upstream withheld."""
+def request_cost(record: RequestRecord, price: Price | None, rates: Rates) -> list[int]:
+    """Per level of the caller's chain (`rates`, root first); estimates usage the
+    upstream withheld."""
     if not record.usage_reported and record.status in (200, 499):
         record.prompt_tokens = record.prompt_tokens or record.estimated_prompt_tokens
         record.completion_tokens = record.completion_tokens or record.estimated_completion_tokens
     if price is None:
-        return [0] * len(record.principal.chain)
+        return [0] * len(rates)
     base = price.cost(record.prompt_tokens, record.completion_tokens, record.cached_tokens)
-    return level_costs(base, record.principal)
+    return level_costs(base, rates)
 
 
 def ledger_rows(record: RequestRecord, costs: Sequence[int], now: float) -> list[LedgerRow]:
