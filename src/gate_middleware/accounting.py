@@ -14,18 +14,18 @@ from dataclasses import dataclass
 from .accounts import AccountKeys, Accounts, model_allowed
 from .auth import Principal, StaticKeys
 from .errors import InvalidRequestError, PermissionDeniedError
-from .metering import LedgerWriter, ledger_rows, request_cost
+from .metering import LedgerWriter, Spends, ledger_rows, request_cost
 from .pricing import Price, Rates, level_costs, level_rates, nanos_from_usd, price_of
 from .quota import LeaseBook, Purse
 from .record import RequestRecord
 from .routing import Catalogue
 from .settings import GateSettings
-from .storage import Spend, Storage
+from .storage import Storage, Target
 
 __all__ = ["Accounting"]
 
 _MAX_CACHED = 10_000  # payers and models; cleared when full
-_HELD = "gate.held"  # record.extra: (payer, what was held)
+_HELD = "gate.held"  # record.extra: (payer, amounts held)
 _COSTS = "gate.costs"  # record.extra: what each level was charged
 
 
@@ -36,7 +36,8 @@ class _Payer:
     principal: Principal
     rates: Rates
     purses: tuple[Purse, ...]  # every account's, root first, then the key's if limited
-    accounts: tuple[str, ...]
+    accounts: tuple[tuple[Target, str, None], ...]  # spends without a quota
+    usage: tuple[Target, str, None] | None  # the key's spend, when its purse held nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +125,8 @@ class Accounting:
                 principal,
                 level_rates(principal),
                 tuple(purses),
-                tuple(level.account_id for level in principal.chain),
+                tuple(("account", level.account_id, None) for level in principal.chain),
+                ("key", principal.key_id, None) if principal.key_id else None,
             )
         self._payers[principal.id] = payer
         return payer
@@ -196,29 +198,30 @@ class Accounting:
 
     async def _hold(self, record: RequestRecord, payer: _Payer, amounts: list[int]) -> None:
         assert self.book is not None
-        holds = await self.book.hold(list(zip(payer.purses, amounts)))
-        record.extra[_HELD] = (payer, holds)
+        await self.book.hold(payer.purses, amounts)
+        record.extra[_HELD] = (payer, amounts)
 
     async def settle(self, record: RequestRecord) -> None:
         principal = record.principal
         if not principal.chain:
             return
-        held = record.extra.pop(_HELD, None)
+        held: tuple[_Payer, list[int]] | None = record.extra.pop(_HELD, None)
         payer = held[0] if held is not None else self._payer(principal)
         costs = request_cost(record, self.price(record.model_id), payer.rates)
         record.extra[_COSTS] = costs
+        spends: Spends = self.writer.spends
         key_held = False
         if held is not None and self.book is not None:
-            holds = held[1]
-            key_held = len(holds) > len(costs)
-            spends = self.book.settle(holds, [*costs, costs[-1]] if key_held else costs)
+            amounts = held[1]
+            key_held = len(amounts) > len(costs)
+            self.book.settle(payer.purses, amounts, [*costs, costs[-1]] if key_held else costs)
         else:
-            spends = [
-                Spend("account", account, cost) for account, cost in zip(payer.accounts, costs)
-            ]
-        if principal.key_id and not key_held:
-            spends.append(Spend("key", principal.key_id, costs[-1]))  # the key's usage
-        self.writer.add((), [s for s in spends if s.amount])
+            for account, cost in zip(payer.accounts, costs):
+                if cost:
+                    spends[account] = spends.get(account, 0) + cost
+        usage, cost = payer.usage, costs[-1]
+        if usage is not None and cost and not key_held:
+            spends[usage] = spends.get(usage, 0) + cost  # the key's usage
 
     # Record hook -------------------------------------------------------------------
 

@@ -18,9 +18,13 @@ from .pricing import Price, Rates, level_costs
 from .record import RequestRecord
 from .storage import LedgerRow, LedgerStore, Spend, Target
 
-__all__ = ["LedgerWriter", "ledger_rows", "request_cost"]
+__all__ = ["LedgerWriter", "Spends", "ledger_rows", "request_cost"]
 
 logger = logging.getLogger("gate_middleware.ledger")
+
+
+# Balance changes waiting for the next batch: (target, id, lease id) -> nanodollars.
+Spends = dict[tuple[Target, str, str | None], int]
 
 
 def request_cost(record: RequestRecord, price: Price | None, rates: Rates) -> list[int]:
@@ -84,7 +88,9 @@ class LedgerWriter:
         self._batch = batch
         self._interval = interval
         self._rows: list[LedgerRow] = []
-        self._spends: dict[tuple[Target, str, str | None], int] = {}
+        # Added to in place by whoever spends (with no await between reading this
+        # attribute and adding: a flush swaps in a new dict).
+        self.spends: Spends = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -98,7 +104,7 @@ class LedgerWriter:
         self._rows.extend(rows)
         for spend in spends:
             key = (spend.target, spend.target_id, spend.lease_id)
-            self._spends[key] = self._spends.get(key, 0) + spend.amount
+            self.spends[key] = self.spends.get(key, 0) + spend.amount
         if len(self._rows) >= self._batch:
             self._wake.set()
 
@@ -113,7 +119,7 @@ class LedgerWriter:
             await self._task
             self._task = None
         # Until nothing is left: a request still finishing may add rows meanwhile.
-        while self._rows or self._spends:
+        while self._rows or self.spends:
             await self.flush()
 
     async def _run(self) -> None:
@@ -135,7 +141,7 @@ class LedgerWriter:
         self._rows[:0] = rows
         for spend in spends:
             key = (spend.target, spend.target_id, spend.lease_id)
-            self._spends[key] = self._spends.get(key, 0) + spend.amount
+            self.spends[key] = self.spends.get(key, 0) + spend.amount
 
     async def flush(self) -> None:
         """Write what is queued when the write starts; waits for a write already under way.
@@ -146,7 +152,7 @@ class LedgerWriter:
         """
         async with self._lock:
             left = len(self._rows)
-            if not (left or self._spends):
+            if not (left or self.spends):
                 return
             while True:
                 size = min(left, self._batch * 4)
@@ -154,8 +160,8 @@ class LedgerWriter:
                 left -= size
                 spends = []
                 if not left:  # the balance changes go with the last rows
-                    spends = [Spend(t, i, n, lease) for (t, i, lease), n in self._spends.items()]
-                    self._spends = {}
+                    spends = [Spend(t, i, n, lease) for (t, i, lease), n in self.spends.items()]
+                    self.spends = {}
                 # Shielded: a cancelled flush (a shutdown) must not leave a batch half
                 # known. The write goes on; only if it fails does the batch queue again,
                 # so it is never both written and queued.

@@ -18,11 +18,12 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import InsufficientQuotaError
-from .metering import LedgerWriter
-from .storage import BalanceStore, Lease, Spend, Target
+from .metering import LedgerWriter, Spends
+from .storage import BalanceStore, Lease, Target
 
 __all__ = ["LeaseBook", "Purse"]
 
@@ -37,33 +38,33 @@ class Purse:
     held: int = 0
     leases: list[Lease] = field(default_factory=list)
     used_up: list[Lease] = field(default_factory=list)  # spent to 0, to go back
-    used: float = 0.0  # monotonic time of the last hold
+    used: float = 0.0  # monotonic time of the last settlement
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def spend(self, cost: int) -> list[Spend]:
+    def spend(self, cost: int, spends: Spends) -> None:
         """Take the cost off the leases, oldest first (each lease's `amount` here is what
-        is left of it); the part no lease covers is spent all the same."""
-        spends = []
+        is left of it), into `spends`; the part no lease covers is spent all the same."""
         for lease in self.leases:
             if cost <= 0:
                 break
-            take = min(cost, lease.amount)
+            take = cost if cost < lease.amount else lease.amount
             if take > 0:
                 lease.amount -= take
                 cost -= take
-                spends.append(Spend(self.target, self.target_id, take, lease.id))
+                leased: tuple[Target, str, str | None] = (self.target, self.target_id, lease.id)
+                spends[leased] = spends.get(leased, 0) + take
         if cost > 0:
-            spends.append(Spend(self.target, self.target_id, cost))
+            key = (self.target, self.target_id, None)
+            spends[key] = spends.get(key, 0) + cost
         while self.leases and self.leases[0].amount == 0:
             self.used_up.append(self.leases.pop(0))
-        return spends
-
-
-Hold = tuple[Purse, int]
 
 
 class LeaseBook:
-    """This process's purses. `hold` and `settle` are the request path."""
+    """This process's purses. `hold` and `settle` are the request path.
+
+    A purse, once made, stays in the book: callers may keep it (`Accounting` does, per
+    principal)."""
 
     def __init__(
         self,
@@ -88,23 +89,21 @@ class LeaseBook:
             purse = self._purses[key] = Purse(target, target_id)
         return purse
 
-    async def hold(self, wanted: list[tuple[Purse, int]]) -> list[Hold]:
-        """Hold each amount from its purse, or none of them (402)."""
-        taken: list[Hold] = []
+    async def hold(self, purses: Sequence[Purse], amounts: Sequence[int]) -> None:
+        """Hold each amount from its purse, leasing more where needed, or none (402)."""
+        taken: list[tuple[Purse, int]] = []
         try:
-            for purse, amount in wanted:
+            for purse, amount in zip(purses, amounts):
                 if purse.free < amount:
                     await self._top_up(purse, amount)
                 purse.free -= amount
                 purse.held += amount
-                purse.used = time.monotonic()
                 taken.append((purse, amount))
         except BaseException:
             for purse, amount in taken:
                 purse.free += amount
                 purse.held -= amount
             raise
-        return taken
 
     async def _top_up(self, purse: Purse, amount: int) -> None:
         async with purse.lock:
@@ -129,16 +128,16 @@ class LeaseBook:
             purse.leases.append(lease)
             purse.free += lease.amount
 
-    def settle(self, holds: list[Hold], costs: list[int]) -> list[Spend]:
-        """Give back each hold and spend the real cost; no await, so nothing interleaves."""
-        spends = []
+    def settle(self, purses: Sequence[Purse], held: Sequence[int], costs: Sequence[int]) -> None:
+        """Give back each hold and spend the real cost, queued with the ledger's next
+        batch; no await, so nothing interleaves."""
+        spends = self._writer.spends
         now = time.monotonic()
-        for (purse, held), cost in zip(holds, costs):
-            purse.held -= held
-            purse.free += held - cost
+        for purse, amount, cost in zip(purses, held, costs):
+            purse.held -= amount
+            purse.free += amount - cost
             purse.used = now
-            spends.extend(purse.spend(cost))
-        return spends
+            purse.spend(cost, spends)
 
     # Lifecycle ---------------------------------------------------------------------
 
