@@ -42,44 +42,56 @@ def request_cost(record: RequestRecord, price: Price | None, rates: Rates) -> li
 def ledger_rows(record: RequestRecord, costs: Sequence[int], now: float) -> list[LedgerRow]:
     """One row per level (each with what that level was charged), or one without account.
 
-    Made positionally, in `LedgerRow`'s field order (test_metering checks it): by
-    keyword, a row costs four times as long to make, on every request.
+    Made positionally, in `LedgerRow`'s field order (test_metering checks it), as plain
+    tuples of its class: `LedgerRow(...)`, by keyword or not, costs three times as
+    long, on every request.
     """
     principal = record.principal
-    levels: list[str | None] = [level.account_id for level in principal.chain] or [None]
     estimated = not record.usage_reported and record.status in (200, 499)
     key_prefix = principal.key_hint.removesuffix("...")
-    return [
-        LedgerRow(
-            record.request_id,
-            account_id,
-            "request",
-            now,
-            cost,
-            principal.account_id,
-            principal.key_id,
-            key_prefix,
-            record.model or None,
-            record.model_id,
-            record.provider,
-            record.upstream_model,
-            record.prompt_tokens,
-            record.completion_tokens,
-            record.cached_tokens,
-            record.reasoning_tokens,
-            record.latency_ms,
-            record.ttft_ms,
-            record.status,
-            record.error_code,
-            record.attempts,
-            record.app,
-            record.stream,
-            estimated,
-            record.route,
-            record.parent_id,
+    levels: Sequence[str | None] = [level.account_id for level in principal.chain] or [None]
+    rows = []
+    for account_id, cost in zip(levels, costs or [0]):
+        rows.append(
+            _row(
+                (
+                    record.request_id,
+                    account_id,
+                    "request",
+                    now,
+                    cost,
+                    principal.account_id,
+                    principal.key_id,
+                    key_prefix,
+                    record.model or None,
+                    record.model_id,
+                    record.provider,
+                    record.upstream_model,
+                    record.prompt_tokens,
+                    record.completion_tokens,
+                    record.cached_tokens,
+                    record.reasoning_tokens,
+                    record.latency_ms,
+                    record.ttft_ms,
+                    record.status,
+                    record.error_code,
+                    record.attempts,
+                    record.app,
+                    record.stream,
+                    estimated,
+                    record.route,
+                    record.parent_id,
+                    None,  # actor
+                    None,  # note
+                    None,  # seq
+                )
+            )
         )
-        for account_id, cost in zip(levels, list(costs) or [0])
-    ]
+    return rows
+
+
+# A row from a tuple of all its values, with no Python-level call.
+_row = functools.partial(tuple.__new__, LedgerRow)
 
 
 class LedgerWriter:

@@ -110,7 +110,7 @@ class MemoryStorage:
 
     async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
         for row in rows:
-            row = dataclasses.replace(row, seq=len(self._ledger) + 1)
+            row = row._replace(seq=len(self._ledger) + 1)
             self._ledger.append(row)
         for spend in spends:
             holder = self._holder(spend.target, spend.target_id)
@@ -129,7 +129,7 @@ class MemoryStorage:
             if query.before is not None and (row.seq or 0) >= query.before:
                 continue
             if matches(row, query):
-                found.append(dataclasses.replace(row))
+                found.append(row)  # rows are tuples: no copy needed
                 if len(found) >= query.limit:
                     break
         return found
@@ -153,7 +153,7 @@ class MemoryStorage:
     async def by_request(self, request_id: str, account_id: str) -> LedgerRow | None:
         for row in self._ledger:
             if row.id == request_id and row.account_id == account_id:
-                return dataclasses.replace(row)
+                return row
         return None
 
     # Balances ---------------------------------------------------------------------
@@ -169,7 +169,7 @@ class MemoryStorage:
             if parent is None or parent.available < row.amount:
                 raise StorageConflict("The parent account does not have that much available.")
         account.credits += row.amount
-        self._ledger.append(dataclasses.replace(row, seq=len(self._ledger) + 1))
+        self._ledger.append(row._replace(seq=len(self._ledger) + 1))
         return dataclasses.replace(account)
 
     async def lease(

@@ -226,7 +226,7 @@ class PostgresStorage:
     # Ledger -----------------------------------------------------------------------
 
     async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
-        records = [ledger_values(row) for row in rows]
+        records = list(map(ledger_values, rows))
         # A fixed order, so two writers never wait on each other's rows in a cycle;
         # executemany sends every spend in one round trip, run in this order.
         ordered = sorted(spends, key=lambda s: (s.target, s.target_id, s.lease_id or ""))

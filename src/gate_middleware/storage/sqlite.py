@@ -260,7 +260,7 @@ class SQLiteStorage:
     # Ledger -----------------------------------------------------------------------
 
     async def write(self, rows: Sequence[LedgerRow], spends: Sequence[Spend]) -> None:
-        values = [ledger_values(row) for row in rows]
+        values = list(map(ledger_values, rows))
         statements: list[tuple[str, Sequence[Any]]] = [
             (_insert(len(chunk)), list(itertools.chain.from_iterable(chunk)))
             for chunk in (
