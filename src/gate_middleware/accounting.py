@@ -158,12 +158,15 @@ class Accounting:
         payer = self._payers.get(principal.id)
         if payer is None or payer.principal is not principal:
             payer = self._payer(principal)
+        book = self.book
         if not record.model:
             # A host route's own request (GateMiddleware): no model of its own, so only
             # a balance check, a hold of the least amount at each account, given back
             # when it settles.
-            if payer.purses:
-                await self._hold(record, payer, [1] * len(principal.chain))
+            if book is not None:
+                least = [1] * len(principal.chain)
+                await book.hold(payer.purses, least)
+                record.extra[_HELD] = (payer, least)
             return
         # The model that answers is known only after the call (retries may fall back
         # to another), so the hold covers the dearest model that could answer.
@@ -182,7 +185,7 @@ class Accounting:
                 param="model",
                 code="model_not_priced",
             )
-        if not (payer.purses and model.hold_prices):
+        if book is None or not model.hold_prices:
             return
         completion = (
             0
@@ -190,16 +193,16 @@ class Accounting:
             else (record.max_completion_tokens or self._max_tokens)
         )
         prompt = record.estimated_prompt_tokens
-        base = max(price.cost(prompt, completion) for price in model.hold_prices)
+        base = 0
+        for price in model.hold_prices:
+            cost = price.cost(prompt, completion)
+            if cost > base:
+                base = cost
         most = level_costs(base, payer.rates)
         if len(payer.purses) > len(most):
             most.append(most[-1])  # the key's own spend limit
-        await self._hold(record, payer, most)
-
-    async def _hold(self, record: RequestRecord, payer: _Payer, amounts: list[int]) -> None:
-        assert self.book is not None
-        await self.book.hold(payer.purses, amounts)
-        record.extra[_HELD] = (payer, amounts)
+        await book.hold(payer.purses, most)
+        record.extra[_HELD] = (payer, most)
 
     async def settle(self, record: RequestRecord) -> None:
         principal = record.principal
@@ -207,7 +210,9 @@ class Accounting:
             return
         held: tuple[_Payer, list[int]] | None = record.extra.pop(_HELD, None)
         payer = held[0] if held is not None else self._payer(principal)
-        costs = request_cost(record, self.price(record.model_id), payer.rates)
+        prices, model_id = self._prices, record.model_id  # the model that answered
+        price = prices[model_id] if model_id in prices else self.price(model_id)
+        costs = request_cost(record, price, payer.rates)
         record.extra[_COSTS] = costs
         spends: Spends = self.writer.spends
         key_held = False

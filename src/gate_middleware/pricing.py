@@ -47,7 +47,8 @@ class Price:
 
     def cost(self, prompt: int, completion: int, cached: int = 0) -> int:
         """In femtodollars."""
-        cached = min(cached, prompt)
+        if cached > prompt:
+            cached = prompt
         return (
             (prompt - cached) * self.prompt
             + cached * self.cached_prompt
@@ -90,7 +91,10 @@ def level_rates(principal: Principal) -> Rates:
 def level_costs(base: int, rates: Rates) -> list[int]:
     """What each level is charged in nanodollars for `base` femtodollars: half up, for
     the non-negative amounts costs are."""
-    return [(base * top2 + bottom) // bottom2 for top2, bottom, bottom2 in rates]
+    costs = []
+    for top2, bottom, bottom2 in rates:  # a loop: a comprehension is one more call
+        costs.append((base * top2 + bottom) // bottom2)
+    return costs
 
 
 def nanos_from_usd(value: Decimal | int | float | str) -> int:
