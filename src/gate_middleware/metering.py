@@ -42,51 +42,48 @@ def request_cost(record: RequestRecord, price: Price | None, rates: Rates) -> li
 def ledger_rows(record: RequestRecord, costs: Sequence[int], now: float) -> list[LedgerRow]:
     """One row per level (each with what that level was charged), or one without account.
 
-    Made positionally, in `LedgerRow`'s field order (test_metering checks it), as plain
-    tuples of its class: `LedgerRow(...)`, by keyword or not, costs three times as
-    long, on every request.
+    Made positionally, in `LedgerRow`'s field order (test_metering checks it), from one
+    list of values that each level's row copies: `LedgerRow(...)`, by keyword or not,
+    costs three times as long, on every request.
     """
     principal = record.principal
-    estimated = not record.usage_reported and record.status in (200, 499)
-    key_prefix = principal.key_hint.removesuffix("...")
-    levels: Sequence[str | None] = [level.account_id for level in principal.chain] or [None]
+    values = [
+        record.request_id,
+        None,  # account_id: each level's
+        "request",
+        now,
+        0,  # amount: each level's
+        principal.account_id,
+        principal.key_id,
+        principal.key_hint.removesuffix("..."),
+        record.model or None,
+        record.model_id,
+        record.provider,
+        record.upstream_model,
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cached_tokens,
+        record.reasoning_tokens,
+        record.latency_ms,
+        record.ttft_ms,
+        record.status,
+        record.error_code,
+        record.attempts,
+        record.app,
+        record.stream,
+        not record.usage_reported and record.status in (200, 499),  # estimated
+        record.route,
+        record.parent_id,
+        None,  # actor
+        None,  # note
+        None,  # seq
+    ]
+    if not principal.chain:
+        return [_row(values)]
     rows = []
-    for account_id, cost in zip(levels, costs or [0]):
-        rows.append(
-            _row(
-                (
-                    record.request_id,
-                    account_id,
-                    "request",
-                    now,
-                    cost,
-                    principal.account_id,
-                    principal.key_id,
-                    key_prefix,
-                    record.model or None,
-                    record.model_id,
-                    record.provider,
-                    record.upstream_model,
-                    record.prompt_tokens,
-                    record.completion_tokens,
-                    record.cached_tokens,
-                    record.reasoning_tokens,
-                    record.latency_ms,
-                    record.ttft_ms,
-                    record.status,
-                    record.error_code,
-                    record.attempts,
-                    record.app,
-                    record.stream,
-                    estimated,
-                    record.route,
-                    record.parent_id,
-                    None,  # actor
-                    None,  # note
-                    None,  # seq
-                )
-            )
-        )
+    for level, cost in zip(principal.chain, costs):
+        values[1], values[4] = level.account_id, cost
+        rows.append(_row(values))
     return rows
 
 
