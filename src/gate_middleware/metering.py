@@ -81,8 +81,8 @@ def ledger_rows(record: RequestRecord, costs: Sequence[int], now: float) -> list
     if not principal.chain:
         return [_row(values)]
     rows = []
-    for level, cost in zip(principal.chain, costs):
-        values[1], values[4] = level.account_id, cost
+    for index, level in enumerate(principal.chain):  # cheaper than a zip, per request
+        values[1], values[4] = level.account_id, costs[index]
         rows.append(_row(values))
     return rows
 

@@ -91,18 +91,19 @@ class LeaseBook:
 
     async def hold(self, purses: Sequence[Purse], amounts: Sequence[int]) -> None:
         """Hold each amount from its purse, leasing more where needed, or none (402)."""
-        taken: list[tuple[Purse, int]] = []
+        taken = 0
         try:
-            for purse, amount in zip(purses, amounts):
+            for index, amount in enumerate(amounts):  # cheaper than a zip, per request
+                purse = purses[index]
                 if purse.free < amount:
                     await self._top_up(purse, amount)
                 purse.free -= amount
                 purse.held += amount
-                taken.append((purse, amount))
+                taken += 1
         except BaseException:
-            for purse, amount in taken:
-                purse.free += amount
-                purse.held -= amount
+            for index in range(taken):
+                purses[index].free += amounts[index]
+                purses[index].held -= amounts[index]
             raise
 
     async def _top_up(self, purse: Purse, amount: int) -> None:
@@ -133,7 +134,8 @@ class LeaseBook:
         batch; no await, so nothing interleaves."""
         spends = self._writer.spends
         now = time.monotonic()
-        for purse, amount, cost in zip(purses, held, costs):
+        for index, amount in enumerate(held):
+            purse, cost = purses[index], costs[index]
             purse.held -= amount
             purse.free += amount - cost
             purse.used = now
