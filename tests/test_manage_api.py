@@ -167,6 +167,46 @@ async def test_reseller_flow_end_to_end(gateway: Gateway, admin: httpx2.AsyncCli
         assert mine["credits_usd"] == 2.5
 
 
+async def test_changes_to_a_key_or_account_apply_to_its_next_request(
+    gateway: Gateway, admin: httpx2.AsyncClient
+) -> None:
+    """What a request pays and may do is worked out once per key and kept: a change
+    through the API must reach the very next request, not one after a cache expires."""
+    account = await ok(await admin.post("/v1/accounts", json={"name": "A"}), 201)
+    await ok(await admin.post(f"/v1/accounts/{account['id']}/topups", json={"amount_usd": 1}), 201)
+    key = await ok(await admin.post(f"/v1/accounts/{account['id']}/keys", json={"name": "k"}), 201)
+    async with client(mounted(gateway), key["key"]) as http:
+        assert (await chat(http)).status_code == 200
+        await ok(await admin.patch(f"/v1/accounts/{account['id']}", json={"multiplier": 2}))
+        assert (await chat(http)).status_code == 200
+        await ok(await admin.patch(f"/v1/keys/{key['id']}", json={"multiplier": "1.5"}))
+        assert (await chat(http)).status_code == 200
+        assert gateway.accounting is not None
+        await gateway.accounting.writer.flush()
+        query = {"account_id": account["id"], "kind": "request"}
+        amounts = [
+            row["amount_nanos"]
+            for row in (await ok(await admin.get("/v1/ledger", params=query)))["data"]
+        ]
+        assert amounts == [3 * COST, 2 * COST, COST]  # newest first
+
+        await ok(
+            await admin.patch(f"/v1/keys/{key['id']}", json={"allowed_models": ["openai/gpt-4o"]})
+        )
+        assert_error(await chat(http), 403, "model_not_allowed")
+        # A spend limit now holds from the key's own purse too: what it spent (6 x COST
+        # at its prices) and less than the next request's most (3 x COST).
+        limit = str(Decimal(7 * COST) / 10**9)
+        await ok(
+            await admin.patch(
+                f"/v1/keys/{key['id']}", json={"allowed_models": None, "spend_limit_usd": limit}
+            )
+        )
+        assert_error(await chat(http), 402, "insufficient_quota")
+        await ok(await admin.patch(f"/v1/keys/{key['id']}", json={"spend_limit_usd": None}))
+        assert (await chat(http)).status_code == 200
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_bad_input_is_a_clear_4xx_and_writes_nothing(
     gateway: Gateway, admin: httpx2.AsyncClient

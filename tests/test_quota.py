@@ -106,6 +106,30 @@ async def test_used_up_leases_go_back_under_steady_load(tmp_path: Path) -> None:
         assert state.available == (100 - 30) * COST - state.leased
 
 
+async def test_a_refused_hold_gives_back_what_the_levels_above_held(tmp_path: Path) -> None:
+    """Holds go root first: when a sub-account cannot pay, its parent's hold (already
+    taken) must come back, or the parent's lease stays held and never returns."""
+    upstream = FakeUpstream()
+    url = f"sqlite:///{tmp_path / 'refused.db'}"
+    gateway = make_billing_gateway(upstream, url)
+    async with gateway:
+        parent, _ = await fund(gateway, usd(COST * 100))
+        child, secret = await fund(gateway, usd(COST // 2), parent=parent)
+        async with client_for(gateway, secret) as http:
+            refused = await http.post("/v1/chat/completions", json=BODY)
+            assert refused.status_code == 402 and child in refused.json()["error"]["message"]
+            assert gateway.accounting is not None and gateway.accounting.book is not None
+            above = gateway.accounting.book.purse("account", parent)
+            assert above.held == 0 and above.free == sum(lease.amount for lease in above.leases)
+    # After shutdown the parent's lease is back: nothing stayed held.
+    again = make_billing_gateway(upstream, url)
+    async with again:
+        assert again.accounting is not None
+        for account in (parent, child):
+            state = await again.accounting.storage.account(account)
+            assert state is not None and state.leased == 0 and state.spent == 0
+
+
 def _start_gateway(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [

@@ -11,22 +11,49 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .accounts import AccountKeys, Accounts, model_allowed
 from .auth import Principal, StaticKeys
 from .errors import GateError, InvalidRequestError, PermissionDeniedError
-from .metering import LedgerWriter, ledger_rows, request_cost
-from .pricing import Price, level_costs, nanos_from_usd, price_of
-from .quota import LeaseBook
+from .metering import LedgerWriter, Spends, ledger_rows, request_cost
+from .pricing import Price, Rates, level_costs, level_rates, nanos_from_usd, price_of
+from .quota import LeaseBook, Purse
 from .record import RequestRecord
 from .retry import Candidate
 from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
-from .storage import Spend, Storage
+from .storage import Storage, Target
 
 __all__ = ["Accounting"]
 
 logger = logging.getLogger("gate_middleware")
+
+_MAX_CACHED = 10_000  # payers and models; cleared when full
+_HELD = "gate.held"  # record.extra: (payer, amounts held)
+_COSTS = "gate.costs"  # record.extra: what each level was charged
+_SPENDS = "gate.spends"  # record.extra: its balance changes, queued with its rows
+
+
+@dataclass(frozen=True, slots=True)
+class _Payer:
+    """What a principal's requests need for money, worked out once per principal."""
+
+    principal: Principal
+    rates: Rates
+    purses: tuple[Purse, ...]  # every account's, root first, then the key's if limited
+    accounts: tuple[tuple[Target, str, None], ...]  # spends without a quota
+    usage: tuple[Target, str, None] | None  # the key's spend, when its purse held nothing
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """A requested model name: the model it resolves to, its price, and the prices of
+    every model that could answer it (fallbacks too), for the hold."""
+
+    id: str
+    price: Price | None
+    hold_prices: tuple[Price, ...]
 
 
 class Accounting:
@@ -62,8 +89,10 @@ class Accounting:
             leases=self.book,
         )
         self._prices: dict[str | None, Price | None] = {}
-        # Per model alone: its prices and its context fallback's (see `_prices_of`).
-        self._hold_prices: dict[str, list[Price]] = {}
+        self._models: dict[str, _Model] = {}
+        # By key id, for as long as the key's principal stays the same: a change to the
+        # key or an account above it makes a new principal (see AccountKeys.forget).
+        self._payers: dict[str, _Payer] = {}
 
     async def startup(self) -> None:
         await self.storage.open()
@@ -82,6 +111,8 @@ class Accounting:
     def price(self, model_id: str | None) -> Price | None:
         if model_id not in self._prices:
             entry = self._catalogue.resolve(model_id) if model_id else None
+            if len(self._prices) >= _MAX_CACHED:
+                self._prices.clear()
             price = self._prices[model_id] = price_of(entry) if entry else None
             if entry is not None and price is None and not self._reject_unpriced:
                 logger.warning(
@@ -90,6 +121,38 @@ class Accounting:
                     model_id,
                 )
         return self._prices[model_id]
+
+    def _payer(self, principal: Principal) -> _Payer:
+        payer = self._payers.get(principal.id)
+        if payer is not None and payer.principal is principal:
+            return payer
+        if len(self._payers) >= _MAX_CACHED:
+            self._payers.clear()
+        if payer is not None and payer.principal == principal:  # the key looked up again
+            payer = dataclasses.replace(payer, principal=principal)
+        else:
+            purses: list[Purse] = []
+            if self.book is not None:
+                purses = [self.book.purse("account", level.account_id) for level in principal.chain]
+                if principal.spend_limit is not None and principal.key_id:
+                    purses.append(self.book.purse("key", principal.key_id))
+            payer = _Payer(
+                principal,
+                level_rates(principal),
+                tuple(purses),
+                tuple(("account", level.account_id, None) for level in principal.chain),
+                ("key", principal.key_id, None) if principal.key_id else None,
+            )
+        self._payers[principal.id] = payer
+        return payer
+
+    def _model(self, name: str) -> _Model:
+        entry = self._catalogue.resolve(name)
+        model = _Model(entry.id, self.price(entry.id), tuple(self._prices_of([entry])))
+        if len(self._models) >= _MAX_CACHED:
+            self._models.clear()
+        self._models[name] = model
+        return model
 
     # Guard -------------------------------------------------------------------------
 
@@ -102,56 +165,66 @@ class Accounting:
             )
         if not principal.chain:
             return  # a settings key: metered, no balance
+        payer = self._payers.get(principal.id)
+        if payer is None or payer.principal is not principal:
+            payer = self._payer(principal)
+        book = self.book
         if not record.model:
             # A host route's own request (GateMiddleware): no model of its own, so only
-            # a balance check, a hold of the least amount, given back when it settles.
-            if self.book is not None:
-                wanted = [
-                    (self.book.purse("account", lvl.account_id), 1) for lvl in principal.chain
-                ]
-                record.extra["holds"] = await self.book.hold(wanted)
+            # a balance check, a hold of the least amount at each account, given back
+            # when it settles.
+            if book is not None:
+                least = [1] * len(principal.chain)
+                await book.hold(payer.purses, least)
+                record.extra[_HELD] = (payer, least)
             return
         # The model that answers is known only after the call (retries may fall back
         # to another), so the hold covers the dearest model that could answer.
-        entry = self._catalogue.resolve(record.model)
-        refused = self._refusal(principal, entry, record.model)
-        if refused is not None:
-            raise refused
+        model = self._models.get(record.model) or self._model(record.model)
+        if principal.allowed_models is not None and not model_allowed(
+            principal, model.id, record.model
+        ):
+            raise PermissionDeniedError(
+                f"This key may not use the model '{record.model}'.",
+                param="model",
+                code="model_not_allowed",
+            )
+        if model.price is None and self._reject_unpriced:
+            raise InvalidRequestError(
+                f"The model '{record.model}' has no price on this gateway, so it cannot be billed.",
+                param="model",
+                code="model_not_priced",
+            )
         candidates = record.candidates
-        if len(candidates) > 1 or (candidates and candidates[0].entry is not entry):
+        if len(candidates) > 1 or (candidates and candidates[0].entry.id != model.id):
             candidates = record.candidates = self._servable(principal, candidates)
         for candidate in candidates:
             if candidate.entry.context_fallback is not None:
                 candidates = record.candidates = self._long_prompts(principal, candidates)
                 break
-        if self.book is None:
+        if book is None:
+            return
+        hold_prices = model.hold_prices
+        if len(candidates) > 1 or (candidates and candidates[0].entry.id != model.id):
+            hold_prices = tuple(self._prices_of({c.entry.id: c.entry for c in candidates}.values()))
+        if not hold_prices:
             return
         completion = (
             0
             if record.endpoint == "embeddings"
             else (record.max_completion_tokens or self._max_tokens) * record.choices
         )
-        if len(candidates) <= 1:  # the usual case: one model, its prices kept
-            only = candidates[0].entry if candidates else entry
-            prices = self._hold_prices.get(only.id)
-            if prices is None:
-                prices = self._hold_prices[only.id] = self._prices_of([only])
-        else:
-            prices = self._prices_of({c.entry.id: c.entry for c in candidates}.values())
-        if not prices:
-            return
         prompt = record.estimated_prompt_tokens
-        base = prices[0].cost(prompt, completion)
-        for other in prices[1:]:
-            base = max(base, other.cost(prompt, completion))
-        most = level_costs(base, principal)
-        wanted = [
-            (self.book.purse("account", level.account_id), cost)
-            for level, cost in zip(principal.chain, most)
-        ]
-        if principal.spend_limit is not None and principal.key_id:
-            wanted.append((self.book.purse("key", principal.key_id), most[-1]))
-        record.extra["holds"] = await self.book.hold(wanted)
+        base = 0
+        for price in hold_prices:
+            cost = price.cost(prompt, completion)
+            if cost > base:
+                base = cost
+        most = level_costs(base, payer.rates)
+        if len(payer.purses) > len(most):
+            most.append(most[-1])  # the key's own spend limit
+        await book.hold(payer.purses, most)
+        record.extra[_HELD] = (payer, most)
 
     def _prices_of(self, models: Iterable[ModelEntry]) -> list[Price]:
         """The prices of these models, and of the longer-context model each may hand a
@@ -216,30 +289,40 @@ class Accounting:
         principal = record.principal
         if not principal.chain:
             return
-        costs = request_cost(record, self.price(record.model_id))
-        record.extra["costs"] = costs
-        holds = record.extra.pop("holds", None)
-        key_held = False
-        if holds is not None and self.book is not None:
-            key_held = len(holds) > len(costs)
-            spends = self.book.settle(holds, costs + [costs[-1]] * (len(holds) - len(costs)))
-        else:
-            spends = [
-                Spend("account", level.account_id, cost)
-                for level, cost in zip(principal.chain, costs)
-            ]
-        if principal.key_id and not key_held:
-            spends.append(Spend("key", principal.key_id, costs[-1]))  # the key's usage
+        held: tuple[_Payer, list[int]] | None = record.extra.pop(_HELD, None)
+        payer = held[0] if held is not None else self._payer(principal)
+        prices, model_id = self._prices, record.model_id  # the model that answered
+        price = prices[model_id] if model_id in prices else self.price(model_id)
+        costs = request_cost(record, price, payer.rates)
+        record.extra[_COSTS] = costs
         # Queued with the ledger rows, by the record hook: a batch's spends then always
         # travel with rows, whose first one tells whether a failed batch was committed.
-        record.extra["spends"] = [s for s in spends if s.amount]
+        spends: Spends = {}
+        record.extra[_SPENDS] = spends
+        key_held = False
+        if held is not None and self.book is not None:
+            amounts = held[1]
+            key_held = len(amounts) > len(costs)
+            costs_held = [*costs, costs[-1]] if key_held else costs
+            self.book.settle(payer.purses, amounts, costs_held, spends)
+        else:
+            for account, cost in zip(payer.accounts, costs):
+                if cost:
+                    spends[account] = spends.get(account, 0) + cost
+        usage, cost = payer.usage, costs[-1]
+        if usage is not None and cost and not key_held:
+            spends[usage] = spends.get(usage, 0) + cost  # the key's usage
 
     # Record hook -------------------------------------------------------------------
 
     def record(self, record: RequestRecord) -> None:
         if record.endpoint == "route":
             return  # a host route's own request: its model calls carry its route and id
-        costs = record.extra.get("costs")
+        costs = record.extra.get(_COSTS)
         if costs is None:
-            costs = request_cost(record, self.price(record.model_id) if record.model_id else None)
-        self.writer.add(ledger_rows(record, costs, time.time()), record.extra.pop("spends", ()))
+            price = self.price(record.model_id) if record.model_id else None
+            costs = request_cost(record, price, level_rates(record.principal))
+        self.writer.add(ledger_rows(record, costs, time.time()))
+        spends = record.extra.pop(_SPENDS, None)
+        if spends:
+            self.writer.merge(spends)

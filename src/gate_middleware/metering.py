@@ -14,67 +14,81 @@ import functools
 import logging
 from collections.abc import Sequence
 
-from .pricing import Price, level_costs
+from .pricing import Price, Rates, level_costs
 from .record import RequestRecord
 from .storage import LedgerRow, LedgerStore, Spend, Target
 
-__all__ = ["LedgerWriter", "ledger_rows", "request_cost"]
+__all__ = ["LedgerWriter", "Spends", "ledger_rows", "request_cost"]
 
 logger = logging.getLogger("gate_middleware.ledger")
 
 
-def request_cost(record: RequestRecord, price: Price | None) -> list[int]:
-    """Per level of the caller's chain, root first; estimates usage the upstream withheld."""
+# Balance changes waiting for the next batch: (target, id, lease id) -> nanodollars.
+Spends = dict[tuple[Target, str, str | None], int]
+
+
+def request_cost(record: RequestRecord, price: Price | None, rates: Rates) -> list[int]:
+    """Per level of the caller's chain (`rates`, root first); estimates usage the
+    upstream withheld."""
     if record.usage_estimated:
         record.prompt_tokens = record.prompt_tokens or record.estimated_prompt_tokens
         record.completion_tokens = record.completion_tokens or record.estimated_completion_tokens
     if price is None:
-        return [0] * len(record.principal.chain)
+        return [0] * len(rates)
     base = price.cost(record.prompt_tokens, record.completion_tokens, record.cached_tokens)
-    return level_costs(base, record.principal)
+    return level_costs(base, rates)
 
 
 def ledger_rows(record: RequestRecord, costs: Sequence[int], now: float) -> list[LedgerRow]:
     """One row per level (each with what that level was charged), or one without account.
 
-    Made positionally, in `LedgerRow`'s field order (test_metering checks it): by
-    keyword, a row costs four times as long to make, on every request.
+    Made positionally, in `LedgerRow`'s field order (test_metering checks it), from one
+    list of values that each level's row copies: `LedgerRow(...)`, by keyword or not,
+    costs three times as long, on every request.
     """
     principal = record.principal
-    levels: list[str | None] = [level.account_id for level in principal.chain] or [None]
-    estimated = record.usage_estimated
-    key_prefix = principal.key_hint.removesuffix("...")
-    return [
-        LedgerRow(
-            record.request_id,
-            account_id,
-            "request",
-            now,
-            cost,
-            principal.account_id,
-            principal.key_id,
-            key_prefix,
-            record.model or None,
-            record.model_id,
-            record.provider,
-            record.upstream_model,
-            record.prompt_tokens,
-            record.completion_tokens,
-            record.cached_tokens,
-            record.reasoning_tokens,
-            record.latency_ms,
-            record.ttft_ms,
-            record.status,
-            record.error_code,
-            record.attempts,
-            record.app,
-            record.stream,
-            estimated,
-            record.route,
-            record.parent_id,
-        )
-        for account_id, cost in zip(levels, list(costs) or [0])
+    values = [
+        record.request_id,
+        None,  # account_id: each level's
+        "request",
+        now,
+        0,  # amount: each level's
+        principal.account_id,
+        principal.key_id,
+        principal.key_hint.removesuffix("..."),
+        record.model or None,
+        record.model_id,
+        record.provider,
+        record.upstream_model,
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cached_tokens,
+        record.reasoning_tokens,
+        record.latency_ms,
+        record.ttft_ms,
+        record.status,
+        record.error_code,
+        record.attempts,
+        record.app,
+        record.stream,
+        record.usage_estimated,  # estimated
+        record.route,
+        record.parent_id,
+        None,  # actor
+        None,  # note
+        None,  # seq
     ]
+    if not principal.chain:
+        return [_row(values)]
+    rows = []
+    for index, level in enumerate(principal.chain):  # cheaper than a zip, per request
+        values[1], values[4] = level.account_id, costs[index]
+        rows.append(_row(values))
+    return rows
+
+
+# A row from a tuple of all its values, with no Python-level call.
+_row = functools.partial(tuple.__new__, LedgerRow)
 
 
 class LedgerWriter:
@@ -83,7 +97,8 @@ class LedgerWriter:
         self._batch = batch
         self._interval = interval
         self._rows: list[LedgerRow] = []
-        self._spends: dict[tuple[Target, str, str | None], int] = {}
+        # Added to by `merge`, with the rows they go with (see Accounting.record).
+        self.spends: Spends = {}
         # Batches whose write failed, kept whole: one may have been committed all the
         # same (the connection lost after COMMIT), which only the whole batch can tell.
         self._failed: list[tuple[list[LedgerRow], list[Spend]]] = []
@@ -101,9 +116,17 @@ class LedgerWriter:
         self._rows.extend(rows)
         for spend in spends:
             key = (spend.target, spend.target_id, spend.lease_id)
-            self._spends[key] = self._spends.get(key, 0) + spend.amount
+            self.spends[key] = self.spends.get(key, 0) + spend.amount
         if len(self._rows) >= self._batch:
             self._wake.set()
+
+    def merge(self, spends: Spends) -> None:
+        """Queue a request's balance changes (call it with its rows, no await between:
+        a batch's spends then always travel with rows, whose first one tells whether a
+        failed batch was committed)."""
+        queued = self.spends
+        for key, amount in spends.items():
+            queued[key] = queued.get(key, 0) + amount
 
     async def start(self) -> None:
         self._stopping = False
@@ -117,7 +140,7 @@ class LedgerWriter:
             self._task = None
         # Until nothing is left: a request still finishing may add rows meanwhile, and
         # a write a cancelled flush left running may yet fail (its batch then kept).
-        while self._rows or self._spends or self._failed or self._writing:
+        while self._rows or self.spends or self._failed or self._writing:
             if self._writing:
                 await asyncio.wait(set(self._writing))
             await self.flush()
@@ -160,7 +183,7 @@ class LedgerWriter:
             while self._failed:  # first, in order: what failed before
                 await self._write(*self._failed.pop(0), again=True)
             left = len(self._rows)
-            if not (left or self._spends):
+            if not (left or self.spends):
                 return
             while True:
                 size = min(left, self._batch * 4)
@@ -168,8 +191,8 @@ class LedgerWriter:
                 left -= size
                 spends = []
                 if not left:  # the balance changes go with the last rows
-                    spends = [Spend(t, i, n, lease) for (t, i, lease), n in self._spends.items()]
-                    self._spends = {}
+                    spends = [Spend(t, i, n, lease) for (t, i, lease), n in self.spends.items()]
+                    self.spends = {}
                 await self._write(rows, spends, again=False)
                 if not left:
                     return

@@ -6,7 +6,8 @@ account chain is the base cost times every multiplier from the top account down 
 that level (a parent resells at its own markup), each multiplier an exact ratio of
 integers, rounded half up to nanodollars once, at the end, so no level pays for
 another level's rounding. Integers, not Decimal: the same exact answer in a tenth of
-the time, and this runs twice on every request.
+the time. A caller's ratios (`level_rates`) are worked out once per principal, since
+costs are counted twice on every request (the hold, then the charge).
 """
 
 from __future__ import annotations
@@ -17,11 +18,23 @@ from decimal import ROUND_HALF_UP, Decimal
 from .auth import Principal
 from .routing import ModelEntry
 
-__all__ = ["NANOS_PER_USD", "Price", "level_costs", "nanos_from_usd", "price_of", "usd"]
+__all__ = [
+    "NANOS_PER_USD",
+    "Price",
+    "Rates",
+    "level_costs",
+    "level_rates",
+    "nanos_from_usd",
+    "price_of",
+    "usd",
+]
 
 NANOS_PER_USD = 10**9
 _FEMTOS_PER_NANO = 10**6
-_RATIOS: dict[Decimal, tuple[int, int]] = {}
+
+# Per level of a chain, root first: (2 x top, bottom, 2 x bottom), where a level is
+# charged base x top / bottom nanodollars for a base in femtodollars.
+Rates = tuple[tuple[int, int, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +47,8 @@ class Price:
 
     def cost(self, prompt: int, completion: int, cached: int = 0) -> int:
         """In femtodollars."""
-        cached = min(cached, prompt)
+        if cached > prompt:
+            cached = prompt
         return (
             (prompt - cached) * self.prompt
             + cached * self.cached_prompt
@@ -57,30 +71,29 @@ def _per_token(per_million: float | None) -> int:
     return int(femtos.to_integral_value(ROUND_HALF_UP))
 
 
-def _ratio(multiplier: Decimal) -> tuple[int, int]:
-    found = _RATIOS.get(multiplier)
-    if found is None:
-        if len(_RATIOS) >= 10_000:
-            _RATIOS.clear()
-        found = _RATIOS[multiplier] = multiplier.as_integer_ratio()
-    return found
-
-
-def level_costs(base: int, principal: Principal) -> list[int]:
-    """What each account of the caller's chain is charged in nanodollars, root first;
-    `base` in femtodollars."""
-    costs = []
-    numerator, denominator = 1, _FEMTOS_PER_NANO
+def level_rates(principal: Principal) -> Rates:
+    """The exact ratio each account of the caller's chain pays, root first: the
+    multipliers from the top down to it (and the key's own at the last level)."""
+    rates = []
+    top, bottom = 1, _FEMTOS_PER_NANO
     last = len(principal.chain) - 1
     for index, level in enumerate(principal.chain):
-        n, d = _ratio(level.multiplier)
-        numerator, denominator = numerator * n, denominator * d
-        top, bottom = numerator, denominator
+        n, d = level.multiplier.as_integer_ratio()
+        top, bottom = top * n, bottom * d
+        own_top, own_bottom = top, bottom
         if index == last and principal.key_multiplier != 1:
-            n, d = _ratio(principal.key_multiplier)
-            top, bottom = top * n, bottom * d
-        # Half up, for the non-negative amounts costs are.
-        costs.append((2 * base * top + bottom) // (2 * bottom))
+            n, d = principal.key_multiplier.as_integer_ratio()
+            own_top, own_bottom = top * n, bottom * d
+        rates.append((2 * own_top, own_bottom, 2 * own_bottom))
+    return tuple(rates)
+
+
+def level_costs(base: int, rates: Rates) -> list[int]:
+    """What each level is charged in nanodollars for `base` femtodollars: half up, for
+    the non-negative amounts costs are."""
+    costs = []
+    for top2, bottom, bottom2 in rates:  # a loop: a comprehension is one more call
+        costs.append((base * top2 + bottom) // bottom2)
     return costs
 
 

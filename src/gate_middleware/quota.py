@@ -18,11 +18,12 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import InsufficientQuotaError, ServiceUnavailableError
-from .metering import LedgerWriter
-from .storage import BalanceStore, Lease, Spend, Target
+from .metering import LedgerWriter, Spends
+from .storage import BalanceStore, Lease, Target
 
 __all__ = ["LeaseBook", "Purse"]
 
@@ -37,36 +38,36 @@ class Purse:
     held: int = 0
     leases: list[Lease] = field(default_factory=list)
     used_up: list[Lease] = field(default_factory=list)  # spent to 0, to go back
-    used: float = 0.0  # monotonic time of the last hold
+    used: float = 0.0  # monotonic time of the last settlement
     # Wall-clock time until which every lease is surely still this purse's: the soonest
     # expiry last written. Past it another process may reclaim them (see `LeaseBook`).
     until: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def spend(self, cost: int) -> list[Spend]:
+    def spend(self, cost: int, spends: Spends) -> None:
         """Take the cost off the leases, oldest first (each lease's `amount` here is what
-        is left of it); the part no lease covers is spent all the same."""
-        spends = []
+        is left of it), into `spends`; the part no lease covers is spent all the same."""
         for lease in self.leases:
             if cost <= 0:
                 break
-            take = min(cost, lease.amount)
+            take = cost if cost < lease.amount else lease.amount
             if take > 0:
                 lease.amount -= take
                 cost -= take
-                spends.append(Spend(self.target, self.target_id, take, lease.id))
+                leased: tuple[Target, str, str | None] = (self.target, self.target_id, lease.id)
+                spends[leased] = spends.get(leased, 0) + take
         if cost > 0:
-            spends.append(Spend(self.target, self.target_id, cost))
+            key = (self.target, self.target_id, None)
+            spends[key] = spends.get(key, 0) + cost
         while self.leases and self.leases[0].amount == 0:
             self.used_up.append(self.leases.pop(0))
-        return spends
-
-
-Hold = tuple[Purse, int]
 
 
 class LeaseBook:
-    """This process's purses. `hold` and `settle` are the request path."""
+    """This process's purses. `hold` and `settle` are the request path.
+
+    A purse, once made, stays in the book: callers may keep it (`Accounting` does, per
+    principal)."""
 
     def __init__(
         self,
@@ -91,26 +92,25 @@ class LeaseBook:
             purse = self._purses[key] = Purse(target, target_id)
         return purse
 
-    async def hold(self, wanted: list[tuple[Purse, int]]) -> list[Hold]:
-        """Hold each amount from its purse, or none of them (402)."""
-        taken: list[Hold] = []
+    async def hold(self, purses: Sequence[Purse], amounts: Sequence[int]) -> None:
+        """Hold each amount from its purse, leasing more where needed, or none (402)."""
+        taken = 0
         now = time.time()
         try:
-            for purse, amount in wanted:
+            for index, amount in enumerate(amounts):  # cheaper than a zip, per request
+                purse = purses[index]
                 if purse.leases and now >= purse.until:
                     await self._keep(purse)
                 while purse.free < amount:  # `free` can drop while a lease is awaited
                     await self._top_up(purse, amount)
                 purse.free -= amount
                 purse.held += amount
-                purse.used = time.monotonic()
-                taken.append((purse, amount))
+                taken += 1
         except BaseException:
-            for purse, amount in taken:
-                purse.free += amount
-                purse.held -= amount
+            for index in range(taken):
+                purses[index].free += amounts[index]
+                purses[index].held -= amounts[index]
             raise
-        return taken
 
     async def _top_up(self, purse: Purse, amount: int) -> None:
         async with purse.lock:
@@ -172,16 +172,18 @@ class LeaseBook:
         purse.leases = kept
         purse.until = min((lease.expires_at for lease in kept), default=0.0)
 
-    def settle(self, holds: list[Hold], costs: list[int]) -> list[Spend]:
-        """Give back each hold and spend the real cost; no await, so nothing interleaves."""
-        spends = []
+    def settle(
+        self, purses: Sequence[Purse], held: Sequence[int], costs: Sequence[int], spends: Spends
+    ) -> None:
+        """Give back each hold and spend the real cost, added to `spends` (queued with
+        the request's ledger rows); no await, so nothing interleaves."""
         now = time.monotonic()
-        for (purse, held), cost in zip(holds, costs):
-            purse.held -= held
-            purse.free += held - cost
+        for index, amount in enumerate(held):
+            purse, cost = purses[index], costs[index]
+            purse.held -= amount
+            purse.free += amount - cost
             purse.used = now
-            spends.extend(purse.spend(cost))
-        return spends
+            purse.spend(cost, spends)
 
     async def give_back(self, target: Target, target_id: str) -> None:
         """Return the target's leases now, unless a request holds from them: a spend

@@ -7,14 +7,17 @@ scheduler: requests/s fell by a quarter, where this process costs the gateway on
 the pickling of each batch.
 
 Run as a script (`python -I -S _sqlite_writer.py DB`), it imports nothing but the
-standard library, so it starts in milliseconds. It reads frames of (statements) from
-stdin, runs each frame as one `BEGIN IMMEDIATE` transaction, and answers every frame
-with None or the error's text. The gateway also imports `connect` and `execute` from
-here, so the thread path and the process run the same code.
+standard library, so it starts in milliseconds. It reads frames of (inserts,
+statements) from stdin, runs each frame as one `BEGIN IMMEDIATE` transaction, and
+answers every frame with None or the error's text. An insert is a many-row INSERT and
+its rows, whose values are laid end to end here: off the gateway's process. The
+gateway also imports `connect` and `execute` from here, so the thread path and the
+process run the same code.
 """
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import sqlite3
 import struct
@@ -22,9 +25,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-__all__ = ["Statements", "connect", "execute", "frame", "read_frame", "write_frame"]
+__all__ = ["Inserts", "Statements", "connect", "execute", "frame", "read_frame", "write_frame"]
 
 Statements = Sequence[tuple[str, Sequence[Any]]]
+Inserts = Sequence[tuple[str, Sequence[Sequence[Any]]]]  # (INSERT of n rows, the n rows)
 _LENGTH = struct.Struct(">I")
 
 
@@ -36,10 +40,12 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def execute(conn: sqlite3.Connection, statements: Statements) -> None:
-    """All of `statements` in one transaction, or none of them."""
+def execute(conn: sqlite3.Connection, inserts: Inserts, statements: Statements) -> None:
+    """All of `inserts` and `statements` in one transaction, or none of them."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        for sql, rows in inserts:
+            conn.execute(sql, list(itertools.chain.from_iterable(rows)))
         for sql, params in statements:
             conn.execute(sql, params)
         conn.execute("COMMIT")
@@ -73,11 +79,11 @@ def _serve(path: str) -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         try:
-            statements = read_frame(stdin)
+            inserts, statements = read_frame(stdin)
         except EOFError:
             break
         try:
-            execute(conn, statements)
+            execute(conn, inserts, statements)
         except Exception as exc:
             write_frame(stdout, f"{type(exc).__name__}: {exc}")
         else:

@@ -89,13 +89,15 @@ class ApiKey(_Limits):
         return self.spend_limit - self.spent - self.leased
 
 
-@dataclass(slots=True)
-class LedgerRow:
+class LedgerRow(NamedTuple):
     """One ledger entry: a request as one account (`account_id`) was charged for it,
     or a top-up / adjustment (`amount` credited, `actor` and `note` say who and why).
 
     A request by a sub-account writes one row per level of its chain, each with that
     level's price; `source_account_id` is the account that made the request.
+
+    A tuple, in the ledger table's column order (`seq`, the database's, last): a
+    request makes one or more, and its values go to the database as they are.
     """
 
     id: str

@@ -114,7 +114,7 @@ class MemoryStorage:
         if again and rows and any(_same(row, rows[0]) for row in reversed(self._ledger)):
             return  # written the first time
         for row in rows:
-            row = dataclasses.replace(row, seq=len(self._ledger) + 1)
+            row = row._replace(seq=len(self._ledger) + 1)
             self._ledger.append(row)
         for spend in spends:
             holder = self._holder(spend.target, spend.target_id)
@@ -133,7 +133,7 @@ class MemoryStorage:
             if query.before is not None and (row.seq or 0) >= query.before:
                 continue
             if matches(row, query):
-                found.append(dataclasses.replace(row))
+                found.append(row)  # rows are tuples: no copy needed
                 if len(found) >= query.limit:
                     break
         return found
@@ -157,7 +157,7 @@ class MemoryStorage:
     async def by_request(self, request_id: str, account_id: str) -> LedgerRow | None:
         for row in self._ledger:
             if row.id == request_id and row.account_id == account_id:
-                return dataclasses.replace(row)
+                return row
         return None
 
     # Balances ---------------------------------------------------------------------
@@ -181,7 +181,7 @@ class MemoryStorage:
             if left < row.amount:
                 raise parent_short(left)
         account.credits += row.amount
-        self._ledger.append(dataclasses.replace(row, seq=len(self._ledger) + 1))
+        self._ledger.append(row._replace(seq=len(self._ledger) + 1))
         return dataclasses.replace(account)
 
     async def lease(

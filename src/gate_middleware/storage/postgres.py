@@ -235,7 +235,7 @@ class PostgresStorage:
     async def write(
         self, rows: Sequence[LedgerRow], spends: Sequence[Spend], *, again: bool = False
     ) -> None:
-        records = [ledger_values(row) for row in rows]
+        records = list(map(ledger_values, rows))
         if again and rows:
             first = rows[0]
             found = await self._pool.fetchval(

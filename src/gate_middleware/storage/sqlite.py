@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import pickle
 import sqlite3
@@ -43,7 +42,7 @@ from ._common import (
     settable,
     where,
 )
-from ._sqlite_writer import Statements, connect, execute, frame
+from ._sqlite_writer import Inserts, Statements, connect, execute, frame
 from .base import (
     Account,
     ApiKey,
@@ -268,22 +267,22 @@ class SQLiteStorage:
     async def write(
         self, rows: Sequence[LedgerRow], spends: Sequence[Spend], *, again: bool = False
     ) -> None:
-        values = [ledger_values(row) for row in rows]
+        values = list(map(ledger_values, rows))
         if again and values:
             committed: bool = await self._run(_has_row, values[0])
             if committed:
                 return  # the first time
-        statements: list[tuple[str, Sequence[Any]]] = [
-            (_insert(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+        inserts = [
+            (_insert(len(chunk)), chunk)
             for chunk in (
                 values[start : start + _ROWS_PER_INSERT]
                 for start in range(0, len(values), _ROWS_PER_INSERT)
             )
         ]
-        statements += [statement for spend in spends for statement in _spend_statements(spend)]
+        statements = [statement for spend in spends for statement in _spend_statements(spend)]
         # A batch without rows (a lease going back) goes by the thread: see _in_process.
-        if not (values and await self._in_process(statements, values[0])):
-            await self._run(execute, statements)
+        if not (values and await self._in_process(inserts, statements, values[0])):
+            await self._run(execute, inserts, statements)
 
     # The writer process -----------------------------------------------------------
 
@@ -313,8 +312,10 @@ class SQLiteStorage:
             process.kill()
             await process.wait()
 
-    async def _in_process(self, statements: Statements, first: Sequence[Any]) -> bool:
-        """Run `statements` in the writer process; False when there is none (any more).
+    async def _in_process(
+        self, inserts: Inserts, statements: Statements, first: Sequence[Any]
+    ) -> bool:
+        """Run the batch in the writer process; False when there is none (any more).
 
         A process that dies mid-batch may have committed it or not: the batch's first
         row says which (the batch is one transaction), so a retry never writes twice.
@@ -325,7 +326,7 @@ class SQLiteStorage:
                 return False
             assert process.stdin is not None and process.stdout is not None
             try:
-                process.stdin.write(frame(statements))
+                process.stdin.write(frame((inserts, statements)))
                 await process.stdin.drain()
                 head = await process.stdout.readexactly(4)
                 answer = pickle.loads(await process.stdout.readexactly(int.from_bytes(head, "big")))
