@@ -107,6 +107,25 @@ def client(gateway: Gateway) -> openai.AsyncOpenAI:
     return sdk(mounted(gateway))
 
 
+def chat_scope(key: str = KEY, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    """The ASGI scope of a chat completion sent straight to the gateway (no client), for
+    tests that need their own `receive` and `send`."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/chat/completions",
+        "raw_path": b"/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("t", 80),
+        "client": ("c", 1),
+        "headers": [(b"authorization", f"Bearer {key}".encode()), *headers],
+    }
+
+
 def client_for(gateway: Gateway, key: str = KEY) -> httpx2.AsyncClient:
     """A raw HTTP client of the mounted gateway (base URL without /v1), with a key."""
     return httpx2.AsyncClient(

@@ -7,7 +7,7 @@ import pytest
 from gate_middleware import GateSettings, Gateway, ProviderSettings, RequestRecord
 from gate_middleware.testing import FakeUpstream, Fault
 
-from .conftest import KEY, client_for, make_gateway, mounted, sdk
+from .conftest import KEY, chat_scope, client_for, make_gateway, mounted, sdk
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -288,20 +288,7 @@ async def test_a_client_gone_mid_body_is_recorded_not_a_crash(
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/chat/completions",
-        "raw_path": b"/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "server": ("t", 80),
-        "client": ("c", 1),
-        "headers": [(b"authorization", f"Bearer {KEY}".encode())],
-    }
+    scope = chat_scope(KEY)
     await gateway(scope, receive, send)
     assert records[-1].status == 499 and records[-1].error_code == "client_disconnected"
     assert "Traceback" not in caplog.text and "Unexpected error" not in caplog.text
@@ -379,19 +366,6 @@ async def test_an_odd_content_length_is_no_500(
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/chat/completions",
-        "raw_path": b"/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "server": ("t", 80),
-        "client": ("c", 1),
-        "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-length", length)],
-    }
+    scope = chat_scope(KEY, (b"content-length", length))
     await gateway(scope, receive, send)
     assert sent[0]["status"] == status

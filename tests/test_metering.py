@@ -15,7 +15,16 @@ from gate_middleware.storage import LedgerQuery, LedgerRow
 from gate_middleware.testing import FakeUpstream
 from gate_middleware.tokens import estimate_prompt_tokens
 
-from .conftest import ADMIN_KEY, BACKENDS, client_for, fund, make_billing_gateway, mounted, sdk
+from .conftest import (
+    ADMIN_KEY,
+    BACKENDS,
+    chat_scope,
+    client_for,
+    fund,
+    make_billing_gateway,
+    mounted,
+    sdk,
+)
 
 MESSAGES = [{"role": "user", "content": "Say hello to the ledger."}]
 PROMPT = estimate_prompt_tokens({"messages": MESSAGES})
@@ -649,20 +658,7 @@ async def test_a_stream_gone_before_its_first_byte_still_settles(upstream: FakeU
                 gone.set()  # the client hangs up while the headers are on their way
                 await asyncio.sleep(1)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/chat/completions",
-            "raw_path": b"/chat/completions",
-            "query_string": b"",
-            "root_path": "",
-            "server": ("t", 80),
-            "client": ("c", 1),
-            "headers": [(b"authorization", f"Bearer {secret}".encode())],
-        }
+        scope = chat_scope(secret)
         await asyncio.wait_for(gateway(scope, receive, send), 5)
         [row] = await ledger(gateway, account, kind="request")
         assert row.status == 499
