@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from gate_middleware import RequestRecord
 from gate_middleware.testing import FakeUpstream, Fault
 
 UPSTREAM = os.environ.get("BENCH_UPSTREAM", "http://127.0.0.1:9100/v1")
@@ -116,6 +117,33 @@ def gateway() -> Starlette:
 
     # As `gate-middleware serve` runs it.
     return create_app(tune=True)
+
+
+class _SixHeaders:
+    """A guard that only writes the six x-ratelimit-* headers a limited answer carries,
+    with the values limits would write: what those headers cost on their own."""
+
+    async def admit(self, record: RequestRecord) -> None:
+        record.headers.update(
+            {
+                "x-ratelimit-limit-requests": "10000000",
+                "x-ratelimit-remaining-requests": "9999987",
+                "x-ratelimit-reset-requests": "41.503s",
+                "x-ratelimit-limit-tokens": "1000000000",
+                "x-ratelimit-remaining-tokens": "999957620",
+                "x-ratelimit-reset-tokens": "41.503s",
+            }
+        )
+
+    async def settle(self, record: RequestRecord) -> None:
+        pass
+
+
+def gateway_six_headers() -> Starlette:
+    """`gateway`, limits off, answering with limits' six headers all the same."""
+    app = gateway()
+    app.state.gateway.guards.append(_SixHeaders())
+    return app
 
 
 httpx_floor = _httpx_floor()

@@ -49,7 +49,7 @@ def serve(
         "warning",
         "--no-access-log",
     ]
-    if target.endswith(("gateway", "host_plain", "host_guarded")):
+    if target.endswith(("gateway", "gateway_six_headers", "host_plain", "host_guarded")):
         args.append("--factory")
     process = subprocess.Popen(
         args,

@@ -7,7 +7,9 @@
    figure for what limits add to a request on a shared machine.
 3. The gateway under wrk (bench/_servers.py's servers: uvicorn, fake upstream, all on
    loopback), limits off, on memory://, on Redis: requests/s and the gateway process's
-   CPU per request, rounds interleaved, medians and every round shown.
+   CPU per request, rounds interleaved, medians and every round shown. And "6 headers":
+   limits off, answering with the six x-ratelimit-* headers all the same (a guard that
+   writes them), for what OpenAI's headers cost on their own.
 
 Limits: requests and tokens a minute and a cap on requests in flight, on one key (the
 shape of OpenAI's limits), set high enough never to refuse.
@@ -241,7 +243,7 @@ def throughput(redis_url: str | None, duration: int, rounds: int, connections: i
         "GATE_RATE_LIMITS__KEY__TOKENS": key["tokens"],
         "GATE_RATE_LIMITS__KEY__CONCURRENCY": str(key["concurrency"]),
     }
-    configs = {"limits off": env, "memory://": {**env, **limits_env}}
+    configs = {"limits off": env, "memory://": {**env, **limits_env}, "6 headers": env}
     prefixes = [_prefix()]
     if redis_url:
         configs["redis://"] = {
@@ -255,7 +257,8 @@ def throughput(redis_url: str | None, duration: int, rounds: int, connections: i
     try:
         for name, config in configs.items():
             port = free_port()
-            processes.append(serve("gateway", port, config))
+            app = "gateway_six_headers" if name == "6 headers" else "gateway"
+            processes.append(serve(app, port, config))
             targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", processes[-1].pid)
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
         for url, pid in targets.values():

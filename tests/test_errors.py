@@ -76,6 +76,46 @@ async def test_json_nested_too_deep_is_400(
     assert_openai_error(response.json())
 
 
+@pytest.mark.parametrize("parser", ["stdlib", "orjson"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        rb'{"model": "openai/gpt-4.1\ud800", "messages": [{"role": "user", "content": "x"}]}',
+        rb'{"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "x\uDFFF"}]}',
+    ],
+)
+async def test_unpaired_surrogate_is_400(
+    http: httpx2.AsyncClient,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    parser: str,
+    raw: bytes,
+) -> None:
+    """An escaped lone surrogate is text no UTF-8 carries: with the standard library's
+    parser it was a 500 when forwarded, and a model name with one made a ledger row no
+    database stores. Refused up front, as orjson does."""
+    from gate_middleware import _json
+
+    if parser == "stdlib":
+        monkeypatch.setattr(_json, "loads", _json.stdlib_loads)
+        monkeypatch.setattr(_json, "dumps", _json.stdlib_dumps)
+    else:
+        pytest.importorskip("orjson")
+    response = await http.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert_openai_error(response.json())
+    assert len(upstream.requests) == 0
+    # A surrogate pair escaped (an emoji) is fine.
+    emoji = rb'{"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "\ud83d\ude00"}]}'
+    ok = await http.post(
+        "/v1/chat/completions", content=emoji, headers={"content-type": "application/json"}
+    )
+    assert ok.status_code == 200
+    assert upstream.requests[-1]["body"]["messages"][0]["content"] == "\U0001f600"
+
+
 async def test_sdk_raises_its_own_classes(client: openai.AsyncOpenAI, gateway: object) -> None:
     with pytest.raises(openai.NotFoundError) as not_found:
         await client.chat.completions.create(model="acme/nothing", messages=MESSAGES)

@@ -5,16 +5,30 @@ and under 1 us with orjson (bench/throughput.py shows the difference)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 __all__ = ["dumps", "loads", "stdlib_dumps", "stdlib_loads"]
 
+# Where an unpaired surrogate can come from: an escape of one (raw bytes of one are
+# not UTF-8, which `json.loads` refuses by itself).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
 
 def stdlib_loads(data: bytes | str) -> Any:
     try:
-        return json.loads(data)
+        value = json.loads(data)
     except RecursionError:  # nested deeper than the interpreter's stack: bad input
         raise ValueError("JSON nested too deeply") from None
+    if isinstance(data, str) or _SURROGATE_ESCAPE.search(data):
+        # The standard library takes "\ud800" alone as a string, which no UTF-8 can
+        # carry: not to the upstream, not into the ledger (one such model name stopped
+        # every ledger batch). orjson refuses it; so does this.
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("JSON with an unpaired surrogate (\\ud800-\\udfff)") from None
+    return value
 
 
 def stdlib_dumps(value: Any) -> bytes:
