@@ -108,7 +108,8 @@ async def test_unpaired_surrogate_is_400(
     assert_openai_error(response.json())
     assert len(upstream.requests) == 0
     # A surrogate pair escaped (an emoji) is fine.
-    emoji = rb'{"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "\ud83d\ude00"}]}'
+    emoji = rb'{"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": '
+    emoji += rb'"\ud83d\ude00"}]}'
     ok = await http.post(
         "/v1/chat/completions", content=emoji, headers={"content-type": "application/json"}
     )

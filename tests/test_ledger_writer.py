@@ -183,3 +183,54 @@ async def test_stop_waits_for_a_write_a_cancelled_flush_left_running(
         await flushing
     await ledger.stop()
     assert calls == 2 and await written(storage) == (1, ["r0"])
+
+
+@pytest.mark.parametrize("database_url", [b for b in BACKENDS if b != "memory"], indirect=True)
+async def test_a_row_the_database_refuses_is_set_aside_and_the_rest_written(
+    storage: Storage,
+) -> None:
+    """A value no database stores (an unpaired surrogate, a count past 64 bits) once
+    made its batch fail on every retry, and every row queued after it with it; a
+    graceful stop then raised. Now the refused rows are set aside, logged, and the
+    others written with their balance changes."""
+    ledger = LedgerWriter(storage, batch=100)
+    bad_text = row("bad-text")._replace(model="openai/gpt-4.1\ud800")
+    bad_count = row("bad-count")._replace(prompt_tokens=2**70)
+    good = [row(f"r{i}") for i in range(6)]
+    ledger.add([*good[:2], bad_text, *good[2:4], bad_count, *good[4:]], [Spend("account", "a", 8)])
+    await ledger.flush()
+    assert await written(storage) == (8, [r.id for r in good])
+    assert sorted(r.id for r, _ in ledger.rejected) == ["bad-count", "bad-text"]
+    assert ledger.pending == 0
+    # Later rows are not held up, and a stop finishes.
+    ledger.add([row("later")], [Spend("account", "a", 1)])
+    await ledger.start()
+    await ledger.stop()
+    assert await written(storage) == (9, sorted(["later", *(r.id for r in good)]))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_database_out_of_reach_sets_nothing_aside(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a refusal of the values splits a batch: a failure to reach the database
+    keeps the batch whole, to be written later."""
+    import sqlite3
+
+    ledger = LedgerWriter(storage)
+    real = storage.write
+    down = True
+
+    async def flaky(rows: Sequence[LedgerRow], spends: Sequence[Spend], **kw: bool) -> None:
+        if down:
+            raise sqlite3.OperationalError("database is locked")
+        await real(rows, spends, **kw)
+
+    monkeypatch.setattr(storage, "write", flaky)
+    ledger.add([row("r0"), row("r1")], [Spend("account", "a", 2)])
+    with pytest.raises(sqlite3.OperationalError):
+        await ledger.flush()
+    assert ledger.rejected == [] and ledger.pending == 2
+    down = False
+    await ledger.flush()
+    assert await written(storage) == (2, ["r0", "r1"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gate_middleware.storage import Account, LedgerRow, Spend
+from gate_middleware.storage import Account, LedgerRejected, LedgerRow, Spend
 from gate_middleware.storage.sqlite import SQLiteStorage
 
 NOW = 1_760_000_000.0
@@ -87,7 +87,7 @@ async def test_a_failing_batch_is_refused_whole_and_the_process_stays(tmp_path: 
     storage = await opened(tmp_path / "gate.db")
     try:
         bad = LedgerRow(id=None, account_id="a", amount=1, created=NOW)  # type: ignore[arg-type]
-        with pytest.raises(sqlite3.OperationalError, match="NOT NULL"):
+        with pytest.raises(LedgerRejected, match="NOT NULL"):  # a refusal of the values
             await storage.write([row("r1", 5), bad], [Spend("account", "a", 6)])
         assert spent_and_rows(tmp_path / "gate.db") == (0, [])
         await storage.write([row("r3", 2)], [Spend("account", "a", 2)])

@@ -4,6 +4,11 @@
 the batch (rows and the balance changes with them, in one transaction) every
 `interval` or as soon as `batch` rows wait. `stop` writes whatever is left, so a
 graceful shutdown loses no row.
+
+A batch the database refuses for what it holds (`LedgerRejected`: a value it cannot
+store) is written in halves, down to the rows it refuses on their own: those are
+logged and kept in `rejected`, the rest written. Retried whole, such a batch would
+stop every row after it, for good. The balance changes are applied all the same.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from collections.abc import Sequence
 
 from .pricing import Price, Rates, level_costs
 from .record import RequestRecord
-from .storage import LedgerRow, LedgerStore, Spend, Target
+from .storage import LedgerRejected, LedgerRow, LedgerStore, Spend, Target
 
 __all__ = ["LedgerWriter", "Spends", "ledger_rows", "request_cost"]
 
 logger = logging.getLogger("gate_middleware.ledger")
+
+_MAX_REJECTED = 1000  # rows the database refused, kept for a look
 
 
 # Balance changes waiting for the next batch: (target, id, lease id) -> nanodollars.
@@ -103,6 +110,8 @@ class LedgerWriter:
         # same (the connection lost after COMMIT), which only the whole batch can tell.
         self._failed: list[tuple[list[LedgerRow], list[Spend]]] = []
         self._writing: set[asyncio.Future[None]] = set()  # left running by a cancelled flush
+        # Rows the database refused on their own (see the module's docstring), latest last.
+        self.rejected: list[tuple[LedgerRow, str]] = []
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -159,18 +168,47 @@ class LedgerWriter:
     def _requeue(
         self, write: asyncio.Future[None], *, rows: list[LedgerRow], spends: list[Spend]
     ) -> None:
-        if write.cancelled() or write.exception() is not None:
+        if write.cancelled() or not isinstance(write.exception(), (LedgerRejected, type(None))):
             self._failed.append((rows, spends))
 
     async def _write(self, rows: list[LedgerRow], spends: list[Spend], *, again: bool) -> None:
         # Shielded: a cancelled flush (a shutdown) must not leave a batch half known.
         # The write goes on; only if it fails is the batch kept to try again, so it is
-        # never both written and queued.
+        # never both written and queued (a refused one is split at once instead).
         write = asyncio.ensure_future(self._storage.write(rows, spends, again=again))
         write.add_done_callback(functools.partial(self._requeue, rows=rows, spends=spends))
         self._writing.add(write)
         write.add_done_callback(self._writing.discard)
-        await asyncio.shield(write)
+        try:
+            await asyncio.shield(write)
+        except LedgerRejected as exc:
+            await self._split(rows, spends, str(exc))
+
+    async def _split(self, rows: list[LedgerRow], spends: list[Spend], reason: str) -> None:
+        """A refused batch (nothing of it written): its halves, each on its own, the
+        spends with the first; a row refused alone is set aside."""
+        if len(rows) > 1:
+            half = len(rows) // 2
+            await self._write(rows[:half], spends, again=False)
+            await self._write(rows[half:], [], again=False)
+            return
+        for row in rows:
+            logger.error(
+                "The database refused ledger row %s (%s, account %s, %d nanodollars; "
+                "the balance is charged all the same): %s",
+                row.id,
+                row.kind,
+                row.account_id,
+                row.amount,
+                reason,
+            )
+            if len(self.rejected) >= _MAX_REJECTED:
+                del self.rejected[0]
+            self.rejected.append((row, reason))
+        if spends and rows:
+            await self._write([], spends, again=False)
+        elif spends:  # no row left to blame: the balance changes themselves
+            logger.error("The database refused balance changes %s: %s", spends, reason)
 
     async def flush(self) -> None:
         """Write what is queued when the write starts; waits for a write already under way.

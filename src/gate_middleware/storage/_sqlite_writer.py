@@ -55,6 +55,12 @@ def execute(conn: sqlite3.Connection, inserts: Inserts, statements: Statements) 
         raise
 
 
+# What SQLite (or the sqlite3 module, binding a value) raises for a value it cannot
+# store: a constraint, a string with an unpaired surrogate, an integer past 64 bits.
+# Written again, such a batch fails again; a locked or full database is not among them.
+REFUSED = (sqlite3.IntegrityError, sqlite3.DataError, OverflowError, UnicodeError)
+
+
 def frame(value: object) -> bytes:
     data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(data)) + data
@@ -85,7 +91,7 @@ def _serve(path: str) -> None:
         try:
             execute(conn, inserts, statements)
         except Exception as exc:
-            write_frame(stdout, f"{type(exc).__name__}: {exc}")
+            write_frame(stdout, (isinstance(exc, REFUSED), f"{type(exc).__name__}: {exc}"))
         else:
             write_frame(stdout, None)
     conn.close()

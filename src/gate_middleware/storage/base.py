@@ -40,6 +40,12 @@ class StorageConflict(Exception):
     """A conditional write refused: the state did not allow it (nothing was written)."""
 
 
+class LedgerRejected(Exception):
+    """The database refused a ledger batch for what it holds (a value it cannot store),
+    not for want of a connection: written again as it is, it fails again. Nothing of
+    the batch was written."""
+
+
 @dataclass(slots=True)
 class _Limits:
     enabled: bool = True
@@ -216,7 +222,9 @@ class LedgerStore(Protocol):
         """Append rows and apply spends (spent += amount; leased and the lease -= amount
         when it came from one), in one transaction. `again`: this very batch was written
         before and failed, perhaps after its commit (a connection lost before the answer):
-        it is written only if its first row is not in the ledger."""
+        it is written only if its first row is not in the ledger. Raises `LedgerRejected`
+        when the database refuses what the batch holds (the writer then sets the rows it
+        refuses aside, see `LedgerWriter`)."""
 
     async def rows(self, query: LedgerQuery) -> list[LedgerRow]:
         """Newest first (by `seq`), at most `query.limit`."""

@@ -37,6 +37,7 @@ from .base import (
     Group,
     Lease,
     LedgerQuery,
+    LedgerRejected,
     LedgerRow,
     Spend,
     StorageConflict,
@@ -111,6 +112,9 @@ class PostgresStorage:
         self._dsn = urlunsplit(parts._replace(query=urlencode(query)))
         self._pool_size = pool_size
         self._pool: Any = None
+        # What PostgreSQL (or asyncpg, encoding a value) raises for a value it cannot
+        # store: written again, such a batch fails again. Set once asyncpg is imported.
+        self._refused: tuple[type[BaseException], ...] = ()
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -121,6 +125,12 @@ class PostgresStorage:
             raise ConfigurationError(
                 "PostgreSQL storage needs asyncpg: pip install 'gate-middleware[postgres]'"
             ) from None
+        self._refused = (
+            asyncpg.DataError,
+            asyncpg.IntegrityConstraintViolationError,
+            OverflowError,
+            UnicodeError,
+        )
         settings = {"search_path": self.schema} if self.schema else {}
         if self.schema:
             conn = await asyncpg.connect(self._dsn)
@@ -251,15 +261,18 @@ class PostgresStorage:
         # A fixed order, so two writers never wait on each other's rows in a cycle;
         # executemany sends every spend in one round trip, run in this order.
         ordered = sorted(spends, key=lambda s: (s.target, s.target_id, s.lease_id or ""))
-        async with self._pool.acquire() as conn, conn.transaction():
-            if records:
-                await conn.copy_records_to_table(
-                    "ledger", records=records, columns=LEDGER_COLUMNS, schema_name=self.schema
-                )
-            if ordered:
-                await conn.executemany(
-                    _SPEND, [(s.target, s.target_id, s.amount, s.lease_id) for s in ordered]
-                )
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if records:
+                    await conn.copy_records_to_table(
+                        "ledger", records=records, columns=LEDGER_COLUMNS, schema_name=self.schema
+                    )
+                if ordered:
+                    await conn.executemany(
+                        _SPEND, [(s.target, s.target_id, s.amount, s.lease_id) for s in ordered]
+                    )
+        except self._refused as exc:
+            raise LedgerRejected(f"{type(exc).__name__}: {exc}") from exc
 
     async def rows(self, query: LedgerQuery) -> list[LedgerRow]:
         clause, args = where(query, lambda n: f"${n}")

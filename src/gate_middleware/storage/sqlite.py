@@ -42,13 +42,14 @@ from ._common import (
     settable,
     where,
 )
-from ._sqlite_writer import Inserts, Statements, connect, execute, frame
+from ._sqlite_writer import REFUSED, Inserts, Statements, connect, execute, frame
 from .base import (
     Account,
     ApiKey,
     Group,
     Lease,
     LedgerQuery,
+    LedgerRejected,
     LedgerRow,
     Spend,
     StorageConflict,
@@ -282,7 +283,10 @@ class SQLiteStorage:
         statements = [statement for spend in spends for statement in _spend_statements(spend)]
         # A batch without rows (a lease going back) goes by the thread: see _in_process.
         if not (values and await self._in_process(inserts, statements, values[0])):
-            await self._run(execute, inserts, statements)
+            try:
+                await self._run(execute, inserts, statements)
+            except REFUSED as exc:
+                raise LedgerRejected(f"{type(exc).__name__}: {exc}") from exc
 
     # The writer process -----------------------------------------------------------
 
@@ -338,7 +342,8 @@ class SQLiteStorage:
                 await process.wait()
                 return await self._run(_has_row, first)
         if answer is not None:
-            raise sqlite3.OperationalError(answer)
+            refused, message = answer
+            raise (LedgerRejected if refused else sqlite3.OperationalError)(message)
         return True
 
     async def rows(self, query: LedgerQuery) -> list[LedgerRow]:
