@@ -114,8 +114,6 @@ def check_uri(uri: str) -> None:
 class MemoryStore:
     """This process only: the `limits` memory storage and a dict of in-flight counts."""
 
-    shared = False  # give-backs wait for the next charge of their counter
-
     def __init__(self) -> None:
         self.storage: Storage = storage_from_string("async+memory://")  # type: ignore[assignment]
         _sweep_at_most_every(self.storage, _SWEEP_EVERY)
@@ -131,18 +129,8 @@ class MemoryStore:
         """Free slots (key, token), take one (key, limit), add to counters: the token
         (None if the slot was full or not asked for) and each counter's new value."""
         for key, _ in free:
-            count = self._in_flight.get(key, 0) - 1
-            if count > 0:
-                self._in_flight[key] = count
-            else:
-                self._in_flight.pop(key, None)
-        token = None
-        if take is not None:
-            key, limit = take
-            count = self._in_flight.get(key, 0)
-            if count < limit:
-                self._in_flight[key] = count + 1
-                token = key
+            self.free_slot(key)
+        token = None if take is None else self.take_slot(*take)
         if not counts:
             return token, []
         incr = self.storage.incr
@@ -150,6 +138,21 @@ class MemoryStore:
         for key, expiry, amount in counts:  # a loop: an async comprehension is a coroutine more
             totals.append(await incr(key, expiry, amount=amount))
         return token, totals
+
+    def take_slot(self, key: str, limit: int) -> str | None:
+        """A slot's token (its key: this process alone counts them), or None when full."""
+        count = self._in_flight.get(key, 0)
+        if count >= limit:
+            return None
+        self._in_flight[key] = count + 1
+        return key
+
+    def free_slot(self, key: str) -> None:
+        count = self._in_flight.get(key, 0) - 1
+        if count > 0:
+            self._in_flight[key] = count
+        else:
+            self._in_flight.pop(key, None)
 
     async def count(self, key: str) -> int:
         return self._in_flight.get(key, 0)
@@ -160,8 +163,6 @@ class MemoryStore:
 
 class RedisStore:
     """Shared by every process on the same Redis, through one connection pool."""
-
-    shared = True  # any round trip takes the give-backs that wait along
 
     def __init__(self, uri: str, *, key_prefix: str, timeout: float, lease: float) -> None:
         import redis.asyncio as redis

@@ -12,7 +12,8 @@ Tokens a request gives back when it ends wait for the next storage call, at most
 same pipeline. Unless the request has a slot to free (which goes at once, so another
 worker never finds it taken), it then costs one storage call, not two. Meanwhile the
 windows show a little less room than there is, never more; reads from this process
-(`stats`, `flush`) send what waits first.
+(`stats`, `flush`) send what waits first. In memory there is no round trip to save: the
+slot is taken and freed in passing, and each counter goes straight to `limits`.
 
 `StrategyWindows` is everything else, through the `limits` strategies themselves
 (moving window, sliding window counter), one limit at a time, stopping at the first
@@ -38,7 +39,7 @@ from limits.aio.strategies import (
 )
 from limits.errors import StorageError
 
-from ._limitstore import Count, LimitStore
+from ._limitstore import Count, LimitStore, MemoryStore
 
 __all__ = [
     "Change",
@@ -132,6 +133,8 @@ class FixedWindows:
     def __init__(self, store: LimitStore) -> None:
         self._store = store
         self._storage = store.storage
+        # In this process alone: no round trip to share, so no list of counts to build.
+        self._here = store if isinstance(store, MemoryStore) else None
         self._ends: dict[str, float] = {}
         # Give-backs waiting to be sent, per counter: (limit, amount, its window's end).
         self._owed: dict[str, tuple[Limit, int, float]] = {}
@@ -141,6 +144,8 @@ class FixedWindows:
     async def take(
         self, charges: Sequence[tuple[Limit, int]], slot: tuple[str, int] | None = None
     ) -> tuple[str | None, list[Taken]]:
+        if self._here is not None:
+            return await self._take_here(self._here, charges, slot)
         owed = self._owed
         if owed:
             # What waits goes along: into the charge of the same counter, or after them.
@@ -180,6 +185,37 @@ class FixedWindows:
             return None, []
         return token, taken
 
+    async def _take_here(
+        self, store: MemoryStore, charges: Sequence[tuple[Limit, int]], slot: tuple[str, int] | None
+    ) -> tuple[str | None, list[Taken]]:
+        """`take` in this process: the slot first (a full one charges nothing), then each
+        counter, with what it is owed."""
+        token = None
+        if slot is not None:
+            token = store.take_slot(*slot)
+            if token is None:
+                return None, []
+        owed, ends, incr = self._owed, self._ends, self._storage.incr
+        taken: list[Taken] = []
+        try:
+            now = time.time()
+            for limit, cost in charges:
+                key = limit.key
+                if owed:
+                    held = owed.pop(key, None)
+                    if held is not None and held[2] - _TTL_SLACK > now:
+                        cost += held[1]
+                total = await incr(key, limit.expiry, amount=cost)
+                end = ends.get(key, 0.0)
+                if end - _TTL_SLACK <= now:
+                    end = await self._end(limit)
+                taken.append((total <= limit.amount, limit.amount - total, end))
+        except BaseException:
+            if token is not None:
+                store.free_slot(token)
+            raise
+        return token, taken
+
     async def adjust(self, changes: Sequence[Change], free: tuple[str, str] | None = None) -> None:
         counts: list[Count] = []
         now = time.time()
@@ -195,9 +231,14 @@ class FixedWindows:
                     amount, end = amount + held[1], min(end, held[2])
                 self._owed[limit.key] = (limit, amount, end)
         # More used is charged at once: the next request must not find room it lacks.
-        if counts or free is not None:
-            if self._store.shared:  # a round trip all the same: what waits goes along
-                counts += self._due().values()
+        here = self._here
+        if here is not None:
+            if free is not None:
+                here.free_slot(free[0])
+            for key, expiry, amount in counts:
+                await self._storage.incr(key, expiry, amount=amount)
+        elif counts or free is not None:
+            counts += self._due().values()  # a round trip all the same: what waits goes along
             await self._store.apply(counts, free=() if free is None else (free,))
         if self._owed and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(_DEFER, self._flush_soon)

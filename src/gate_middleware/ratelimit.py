@@ -112,7 +112,8 @@ class RateLimitGuard:
         if (not plan and slot is None) or (self._down and self._skip_storage()):
             return
         charge = _Charge(self._estimate(record), [], None, [])
-        windows = self._windows_()
+        windows = self._windows
+        assert windows is not None, "the gateway's lifespan opens the limit storage"
         try:
             charges = _charges(plan, charge.tokens, whole=True)
             token, taken = await windows.take(charges, slot)
@@ -120,15 +121,25 @@ class RateLimitGuard:
                 if token is None:
                     raise text.too_many_in_flight(record.principal.key_hint, slot[1])
                 charge.slot = (slot[0], token)
-            refused = None
-            for (limit, cost), (admitted, _, end) in zip(charges, taken):
-                if admitted or windows.counts_refused:
-                    charge.taken.append((limit, cost, end))
+            charged, refused, told = charge.taken, None, single
+            counts_refused = windows.counts_refused
+            own: dict[str, str] = {}  # the request's, unless it is refused
+            now = time.time()
+            for (limit, cost), (admitted, remaining, end) in zip(charges, taken):
+                if admitted or counts_refused:
+                    charged.append((limit, cost, end))
                 if not admitted and refused is None:
                     refused = (limit, cost)
+                if told:  # each limit alone of its kind: its own headers, in passing
+                    if remaining is None or end is None:
+                        told = False  # a strategy that does not tell: `_headers` asks
+                    else:
+                        text.openai_headers(own, limit, remaining, end - now)
             if refused is not None:
                 raise await self._refusal(record, *refused, charge)
-            if not (single and _own_headers(plan, taken, record.headers)):
+            if told and len(taken) == len(plan):
+                record.headers.update(own)
+            else:
                 await self._headers(plan, taken, record.headers)
         except RateLimitError:
             with contextlib.suppress(StorageError):  # the refusal stands either way
@@ -348,19 +359,6 @@ class RateLimitGuard:
         if self._down:
             self._down = False
             logger.warning("The rate-limit storage answers again; limits apply.")
-
-
-def _own_headers(plan: Sequence[Limit], taken: Sequence[Taken], into: dict[str, str]) -> bool:
-    """`_headers`, done in passing where each limit is alone of its kind and each charge
-    told what is left (fixed windows); False, with nothing written, where not."""
-    if len(taken) != len(plan):
-        return False
-    now = time.time()
-    for limit, (_, remaining, reset) in zip(plan, taken):
-        if remaining is None or reset is None:
-            return False  # a strategy that does not tell, tells for no limit: none written
-        text.openai_headers(into, limit, remaining, reset - now)
-    return True
 
 
 def _charges(limits: Sequence[Limit], tokens: int, *, whole: bool) -> list[tuple[Limit, int]]:
