@@ -9,7 +9,8 @@ the pickling of each batch.
 Run as a script (`python -I -S _sqlite_writer.py DB`), it imports nothing but the
 standard library, so it starts in milliseconds. It reads frames of (inserts,
 statements) from stdin, runs each frame as one `BEGIN IMMEDIATE` transaction, and
-answers every frame with None or the error's text. An insert is a many-row INSERT and
+answers every frame with None, or (refused, the error's text): refused when SQLite
+would refuse the batch again (a value it cannot store, see `REFUSED`). An insert is a many-row INSERT and
 its rows, whose values are laid end to end here: off the gateway's process. The
 gateway also imports `connect` and `execute` from here, so the thread path and the
 process run the same code.
