@@ -2,7 +2,10 @@
 
 Each row is a full request row (as the gateway writes it) and every batch carries the
 balance changes of its requests, spread over 50 accounts, all in one transaction per
-batch: the same work the gateway's background writer does.
+batch: the same work the gateway's background writer does. Request ids as the
+gateway makes them (a prefix per process and a counter: each index insert lands after
+the last), and random ones, as clients that send their own `x-request-id` give (each
+lands anywhere in the index on `id`: on SQLite that index costs more than the rest).
 Usage: python bench/ledger.py [--rows 200000] [--batch 1000] [--postgres URL]
 """
 
@@ -21,9 +24,10 @@ from gate_middleware.storage import Account, LedgerRow, Spend, storage_from_url
 ACCOUNTS = 50
 
 
-def request_row(i: int, account: str) -> LedgerRow:
+def request_row(i: int, account: str, rid: str = "") -> LedgerRow:
     return LedgerRow(
-        id=f"req_{uuid.uuid4().hex}", account_id=account, created=time.time(), amount=1234 + i,
+        id=rid or f"req_{uuid.uuid4().hex}", account_id=account, created=time.time(),
+        amount=1234 + i,
         source_account_id=account, key_id="key_bench", key_prefix="sk-gate-abcdef",
         model="gpt-4.1", model_id="openai/gpt-4.1", provider="openai", upstream_model="gpt-4.1",
         prompt_tokens=12, completion_tokens=30, latency_ms=12.5, ttft_ms=3.1, status=200,
@@ -31,14 +35,20 @@ def request_row(i: int, account: str) -> LedgerRow:
     )  # fmt: skip
 
 
-async def bench(url: str, rows: int, batch: int) -> float:
+async def bench(url: str, rows: int, batch: int, ids: str) -> float:
     storage = storage_from_url(url)
     await storage.open()
     try:
         accounts = [f"acct_bench_{uuid.uuid4().hex[:8]}" for _ in range(ACCOUNTS)]
         for account in accounts:
             await storage.add_account(Account(id=account, name="bench", created_at=time.time()))
-        made = [request_row(i, accounts[i % ACCOUNTS]) for i in range(rows)]
+        prefix = uuid.uuid4().hex[:20]
+        made = [
+            request_row(
+                i, accounts[i % ACCOUNTS], f"req_{prefix}{i:012x}" if ids == "gateway" else ""
+            )
+            for i in range(rows)
+        ]
         writer = LedgerWriter(storage, batch=batch, interval=0.05)
         await writer.start()
         started = time.perf_counter()
@@ -70,13 +80,16 @@ async def main() -> None:
         ),
     )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        rate = await bench(f"sqlite:///{tmp}/bench.db", args.rows, args.batch)
-        print(f"sqlite     {rate:>10,.0f} rows/s  ({args.rows} rows, batches of {args.batch})")
+    print(f"{args.rows} rows, batches of {args.batch}")
+    for ids in ("gateway", "random"):
+        with tempfile.TemporaryDirectory() as tmp:
+            rate = await bench(f"sqlite:///{tmp}/bench.db", args.rows, args.batch, ids)
+            print(f"sqlite     {rate:>10,.0f} rows/s  (request ids: {ids})")
     schema = f"gate_bench_{uuid.uuid4().hex[:8]}"
     try:
-        rate = await bench(f"{args.postgres}?schema={schema}", args.rows, args.batch)
-        print(f"postgresql {rate:>10,.0f} rows/s  ({args.rows} rows, batches of {args.batch})")
+        for ids in ("gateway", "random"):
+            rate = await bench(f"{args.postgres}?schema={schema}", args.rows, args.batch, ids)
+            print(f"postgresql {rate:>10,.0f} rows/s  (request ids: {ids})")
     except OSError as exc:
         print(f"postgresql skipped: {exc}")
     finally:
