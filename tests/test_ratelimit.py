@@ -623,6 +623,36 @@ async def test_a_full_upstream_is_skipped_for_the_next_candidate(
         assert int(refused.headers["retry-after"]) > 50
 
 
+async def test_an_attempt_that_failed_gets_its_tokens_back_when_another_answers(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    """The first upstream (token-limited) fails, a second one without limits answers:
+    the answer's tokens were not the first one's, so its window gets the estimate back.
+    It was charged them: the last attempt with limits of its own was taken for the one
+    that answered."""
+    gateway = make_gateway(
+        upstream,
+        providers={
+            "openai": ProviderSettings(base_url="http://upstream/v1"),
+            "backup": ProviderSettings(base_url="http://upstream/v1"),
+        },
+        models={
+            "openai/gpt-4.1": {
+                "deployments": [{"provider": "openai"}, {"provider": "backup"}],
+            }
+        },
+        rate_limits={**store, "deployments": {"openai": {"tokens": "100000/minute"}}},
+    )
+    body = {**CHAT, "provider": {"order": ["openai", "backup"]}}
+    upstream.schedule(Fault(status=503))
+    async with gateway, client_for(gateway) as client:
+        answer = await client.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200 and answer.headers["x-gate-provider"] == "backup"
+        assert answer.headers["x-gate-attempts"] == "2"
+        assert answer.json()["usage"]["total_tokens"] > 0
+        assert await remaining(client, "deployment", "tokens") == 100000
+
+
 class Refuses:
     """A later guard (a quota, say) that refuses every request."""
 

@@ -204,9 +204,12 @@ class RateLimitGuard:
         `UpstreamLimitError` (a 429 the retry loop answers with the next candidate) when
         one is full."""
         limits = self._plans.attempt(record.principal, record.model, candidate)
-        if not limits or self._skip_storage():
-            return
         charge = record.extra.get(_CHARGE)
+        if not limits or self._skip_storage():
+            if charge is not None and charge.attempts:
+                # This attempt took nothing; the one before it did, and did not answer.
+                charge.attempts.append([])
+            return
         if charge is None:
             charge = record.extra[_CHARGE] = _Charge(self._estimate(record), [], None, [])
         charges = _charges(limits, charge.tokens, whole=False)

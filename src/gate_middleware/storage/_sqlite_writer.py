@@ -10,8 +10,9 @@ Run as a script (`python -I -S _sqlite_writer.py DB`), it imports nothing but th
 standard library, so it starts in milliseconds. It reads frames of (inserts,
 statements) from stdin, runs each frame as one `BEGIN IMMEDIATE` transaction, and
 answers every frame with None, or (refused, the error's text): refused when SQLite
-would refuse the batch again (a value it cannot store, see `REFUSED`). An insert is a many-row INSERT and
-its rows, whose values are laid end to end here: off the gateway's process. The
+would refuse the batch again (a value it cannot store, see `REFUSED`). An insert is a
+many-row INSERT and its rows, whose values are laid end to end here: off the gateway's
+process. The
 gateway also imports `connect` and `execute` from here, so the thread path and the
 process run the same code.
 """
