@@ -12,9 +12,8 @@ statements) from stdin, runs each frame as one `BEGIN IMMEDIATE` transaction, an
 answers every frame with None, or (refused, the error's text): refused when SQLite
 would refuse the batch again (a value it cannot store, see `REFUSED`). An insert is a
 many-row INSERT and its rows, whose values are laid end to end here: off the gateway's
-process. The
-gateway also imports `connect` and `execute` from here, so the thread path and the
-process run the same code.
+process. The gateway also imports `connect` and `execute` from here, so the thread
+path and the process run the same code.
 """
 
 from __future__ import annotations
