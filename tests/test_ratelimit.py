@@ -588,10 +588,9 @@ async def test_accounts_from_the_database_share_their_limits(
             assert f"account {parent}" in refused.json()["error"]["message"]
 
 
-async def test_a_full_upstream_is_skipped_for_the_next_candidate(
-    store: dict[str, str], upstream: FakeUpstream
-) -> None:
-    gateway = make_gateway(
+def two_upstreams(upstream: FakeUpstream, **settings: Any) -> Gateway:
+    """openai/gpt-4.1 served by "openai", then "backup" (the same fake upstream)."""
+    return make_gateway(
         upstream,
         providers={
             "openai": ProviderSettings(base_url="http://upstream/v1"),
@@ -602,6 +601,15 @@ async def test_a_full_upstream_is_skipped_for_the_next_candidate(
                 "deployments": [{"provider": "openai"}, {"provider": "backup"}],
             }
         },
+        **settings,
+    )
+
+
+async def test_a_full_upstream_is_skipped_for_the_next_candidate(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    gateway = two_upstreams(
+        upstream,
         health_failures=1,
         rate_limits={**store, "deployments": {"openai": {"requests": "1/minute"}}},
     )
@@ -630,18 +638,8 @@ async def test_an_attempt_that_failed_gets_its_tokens_back_when_another_answers(
     the answer's tokens were not the first one's, so its window gets the estimate back.
     It was charged them: the last attempt with limits of its own was taken for the one
     that answered."""
-    gateway = make_gateway(
-        upstream,
-        providers={
-            "openai": ProviderSettings(base_url="http://upstream/v1"),
-            "backup": ProviderSettings(base_url="http://upstream/v1"),
-        },
-        models={
-            "openai/gpt-4.1": {
-                "deployments": [{"provider": "openai"}, {"provider": "backup"}],
-            }
-        },
-        rate_limits={**store, "deployments": {"openai": {"tokens": "100000/minute"}}},
+    gateway = two_upstreams(
+        upstream, rate_limits={**store, "deployments": {"openai": {"tokens": "100000/minute"}}}
     )
     body = {**CHAT, "provider": {"order": ["openai", "backup"]}}
     upstream.schedule(Fault(status=503))
