@@ -117,6 +117,23 @@ async def test_unpaired_surrogate_is_400(
     assert upstream.requests[-1]["body"]["messages"][0]["content"] == "\U0001f600"
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"models": ["openai/gpt-4.1\x00"]},  # `models` alone: its first is the model
+        {"model": "openai/gpt-4.1", "models": ["openai/gpt-4.1-mini\x00"]},
+    ],
+)
+async def test_nul_in_models_is_400(
+    http: httpx2.AsyncClient, upstream: FakeUpstream, extra: dict[str, object]
+) -> None:
+    """A NUL in `model` was refused, not in OpenRouter's `models`: the model that
+    answered then named a ledger row PostgreSQL refuses (unpriced models served free)."""
+    response = await http.post("/v1/chat/completions", json={"messages": MESSAGES, **extra})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "models"
+    assert len(upstream.requests) == 0
+
+
 async def test_sdk_raises_its_own_classes(client: openai.AsyncOpenAI, gateway: object) -> None:
     with pytest.raises(openai.NotFoundError) as not_found:
         await client.chat.completions.create(model="acme/nothing", messages=MESSAGES)

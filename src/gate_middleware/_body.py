@@ -70,6 +70,11 @@ def _type_error(param: str, expected: str, value: Any) -> InvalidRequestError:
 def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     models = body.get("models")
+    if isinstance(models, list) and any(isinstance(m, str) and "\x00" in m for m in models):
+        # Whichever of them answers names the ledger rows, as `model` does (see below).
+        raise InvalidRequestError(
+            "Invalid 'models': a name contains a NUL character.", param="models"
+        )
     if model is None and isinstance(models, list) and models and isinstance(models[0], str):
         return models[0]  # OpenRouter's convention: `models` alone names the first choice
     if model is None:
