@@ -353,3 +353,22 @@ async def test_the_larger_token_limit_sent_is_held_and_an_unreachable_database_i
             down = await http.post("/v1/chat/completions", json=body)
             assert down.status_code == 503
             assert down.json()["error"]["code"] == "service_unavailable"
+
+
+async def test_a_key_not_yet_cached_while_the_database_is_out_of_reach_is_503() -> None:
+    """Its lookup failed: a 500 internal_error, where the hold answers 503 for the same."""
+    gateway = make_billing_gateway(FakeUpstream(), "memory://")
+    async with gateway:
+        _, secret = await fund(gateway, "1")
+        assert gateway.accounting is not None
+
+        async def unreachable(*args: object, **kwargs: object) -> None:
+            raise ConnectionRefusedError("the database is down")
+
+        gateway.accounting.storage.key_by_digest = unreachable  # type: ignore[method-assign,assignment]
+        async with client_for(gateway, secret) as http:
+            down = await http.post(
+                "/v1/chat/completions", json={"model": NANO, "messages": MESSAGES}
+            )
+    assert down.status_code == 503
+    assert down.json()["error"]["code"] == "service_unavailable"

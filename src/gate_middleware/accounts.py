@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 import uuid
@@ -23,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 from .auth import Level, Principal, StaticKeys
 from .errors import (
     AuthenticationError,
+    GateError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    ServiceUnavailableError,
 )
 from .pricing import NANOS_PER_USD, nanos_from_usd
 from .storage import Account, ApiKey, LedgerRow, Storage, StorageConflict, Target
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
     from .quota import LeaseBook
 
 __all__ = ["AccountKeys", "Accounts", "model_allowed", "new_key"]
+
+logger = logging.getLogger("gate_middleware")
 
 KEY_PREFIX = "sk-gate-"
 _SHOWN = len(KEY_PREFIX) + 6  # the prefix listings show: "sk-gate-" and 6 random characters
@@ -145,8 +150,17 @@ class AccountKeys:
                 if now >= expires - self._ttl * _REFRESH_AHEAD:
                     self._load(hashed)  # in the background; this request goes on
                 return principal
-        # shield: a caller that goes away must not cancel the others' lookup.
-        found = await asyncio.shield(self._load(hashed))
+        try:
+            # shield: a caller that goes away must not cancel the others' lookup.
+            found = await asyncio.shield(self._load(hashed))
+        except GateError:
+            raise  # disabled or expired
+        except Exception as exc:
+            logger.error("Looking up an API key failed: %s", exc)
+            raise ServiceUnavailableError(
+                "API keys cannot be checked right now: their database is out of reach. "
+                "Please try again shortly."
+            ) from None
         if found is None:
             return await self._static.authenticate(key) if self._static else None
         return found
