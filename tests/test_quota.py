@@ -372,3 +372,28 @@ async def test_a_key_not_yet_cached_while_the_database_is_out_of_reach_is_503() 
             )
     assert down.status_code == 503
     assert down.json()["error"]["code"] == "service_unavailable"
+
+
+async def test_a_stop_while_the_database_is_out_of_reach_leaves_no_writer_running(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The leases could not go back, so the stop raised before it stopped the ledger
+    writer: its task went on failing on a closed storage, logging every 0.2 s for good."""
+    gateway = make_billing_gateway(FakeUpstream(), "memory://")
+    await gateway.__aenter__()
+    _, secret = await fund(gateway, "1")
+    async with client_for(gateway, secret) as http:
+        ok = await http.post("/v1/chat/completions", json={"model": NANO, "messages": MESSAGES})
+    assert ok.status_code == 200
+    assert gateway.accounting is not None
+    storage = gateway.accounting.storage
+
+    async def unreachable(*args: object, **kwargs: object) -> None:
+        raise ConnectionRefusedError("the database is down")
+
+    storage.write = storage.release = unreachable  # type: ignore[method-assign,assignment]
+    with pytest.raises(ConnectionRefusedError):
+        await gateway.__aexit__(None, None, None)
+    caplog.clear()
+    await asyncio.sleep(0.1)  # the writer's interval is 0.02 s here
+    assert "ledger rows failed" not in caplog.text
