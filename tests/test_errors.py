@@ -3,6 +3,7 @@ from __future__ import annotations
 import httpx2
 import openai
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from gate_middleware import GateSettings, Gateway, ProviderSettings, RequestRecord
 from gate_middleware.testing import FakeUpstream, Fault
@@ -245,6 +246,26 @@ async def test_upstream_errors_are_relayed_openai_shaped(
     if fault.status == 400:
         assert error.body["message"] == "context too long"
     assert records[-1].status == status
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status", [201, 204, 302])
+async def test_an_upstream_status_that_is_no_answer_is_a_502(status: int, stream: bool) -> None:
+    """Relayed as it was, a 201 read as a success with an error body, and a 204 could
+    not carry its body at all (the server failed mid-answer; the client got nothing)."""
+
+    async def odd(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    gateway = make_gateway(odd)
+    async with gateway, client_for(gateway) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": "openai/gpt-4.1", "messages": MESSAGES, "stream": stream},
+        )
+    assert response.status_code == 502
+    assert_openai_error(response.json(), code="upstream_bad_response")
 
 
 async def test_stream_refused_before_first_byte_keeps_its_status(
