@@ -8,7 +8,7 @@ from starlette.types import Receive, Scope, Send
 from gate_middleware import GateSettings, Gateway, ProviderSettings, RequestRecord
 from gate_middleware.testing import FakeUpstream, Fault
 
-from .conftest import KEY, chat_scope, client_for, make_gateway, mounted, sdk
+from .conftest import KEY, LiveServer, chat_scope, client_for, make_gateway, mounted, sdk
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -266,6 +266,38 @@ async def test_an_upstream_status_that_is_no_answer_is_a_502(status: int, stream
         )
     assert response.status_code == 502
     assert_openai_error(response.json(), code="upstream_bad_response")
+
+
+async def test_an_upstream_redirect_is_not_followed() -> None:
+    """Followed, a 307 to another host sent it the caller's prompt and the provider's
+    own headers (aiohttp drops only `Authorization` across origins)."""
+    received: list[bytes] = []
+
+    async def elsewhere(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            received.append((await receive()).get("body", b""))
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    with LiveServer(elsewhere) as other:
+        target = other.url.replace("127.0.0.1", "localhost").encode()
+
+        async def redirect(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                headers = [(b"location", target + b"/v1/chat/completions")]
+                await send({"type": "http.response.start", "status": 307, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
+
+        with LiveServer(redirect) as upstream:
+            provider = ProviderSettings(
+                base_url=upstream.url + "/v1", api_key="up", headers={"x-api-key": "s3cr3t"}
+            )
+            gateway = Gateway(GateSettings(api_keys=[KEY], providers={"openai": provider}))
+            async with gateway, client_for(gateway) as http:
+                response = await http.post(
+                    "/v1/chat/completions", json={"model": "openai/gpt-4.1", "messages": MESSAGES}
+                )
+    assert response.status_code == 502 and received == []
 
 
 async def test_stream_refused_before_first_byte_keeps_its_status(
