@@ -6,9 +6,20 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from gate_middleware import GateSettings, Gateway, ProviderSettings, RequestRecord
+from gate_middleware.storage import LedgerQuery
 from gate_middleware.testing import FakeUpstream, Fault
 
-from .conftest import KEY, LiveServer, chat_scope, client_for, make_gateway, mounted, sdk
+from .conftest import (
+    KEY,
+    LiveServer,
+    chat_scope,
+    client_for,
+    fund,
+    make_billing_gateway,
+    make_gateway,
+    mounted,
+    sdk,
+)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -133,6 +144,27 @@ async def test_nul_in_models_is_400(
     response = await http.post("/v1/chat/completions", json={"messages": MESSAGES, **extra})
     assert response.status_code == 400 and response.json()["error"]["param"] == "models"
     assert len(upstream.requests) == 0
+
+
+@pytest.mark.parametrize("field", ["model", "models"])
+async def test_a_model_name_too_long_is_400_and_no_ledger_bloat(
+    upstream: FakeUpstream, field: str
+) -> None:
+    """A key with no money sent 4 MB model names: each refused request stored the name
+    in its ledger row at every level (20 requests grew the database by 160 MB)."""
+    gateway = make_billing_gateway(upstream, "memory://")
+    name = "openai/" + "x" * 300
+    body = {"model": name} if field == "model" else {"models": [name]}
+    async with gateway:
+        account, secret = await fund(gateway, None)
+        async with client_for(gateway, secret) as http:
+            response = await http.post("/v1/chat/completions", json={"messages": MESSAGES, **body})
+        assert gateway.accounting is not None
+        await gateway.accounting.writer.flush()
+        rows = await gateway.accounting.storage.rows(LedgerQuery(account_id=account))
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+    assert name not in response.text
+    assert all(row.model is None for row in rows)
 
 
 async def test_sdk_raises_its_own_classes(client: openai.AsyncOpenAI, gateway: object) -> None:
