@@ -168,7 +168,7 @@ def upstream_error(status: int, raw: bytes, headers: Mapping[str, str]) -> Upstr
         # A 201, a 204, a redirect: no answer, and a status relayed as it is would read
         # as a success to the client (a 204 or 304 cannot even carry the error).
         return UpstreamError(
-            f"The upstream answered {status}, which is not an answer: {message}",
+            f"The upstream answered {status}, which is not an answer.",
             status=502,
             code="upstream_bad_response",
             retryable=False,
