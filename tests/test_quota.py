@@ -397,3 +397,19 @@ async def test_a_stop_while_the_database_is_out_of_reach_leaves_no_writer_runnin
     caplog.clear()
     await asyncio.sleep(0.1)  # the writer's interval is 0.02 s here
     assert "ledger rows failed" not in caplog.text
+
+
+async def test_a_legacy_function_call_is_held_as_prompt() -> None:
+    """A message's `function_call` (the older `tool_calls`) was left out of the prompt
+    estimate: 100,000 tokens of arguments were held as 7, so a request far dearer than
+    the balance went through."""
+    gateway = make_billing_gateway(FakeUpstream(), "memory://")
+    call = {"name": "f", "arguments": "x" * 400_000}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "function_call": call}]
+    async with gateway:
+        _, secret = await fund(gateway, "0.001")
+        async with client_for(gateway, secret) as http:
+            response = await http.post(
+                "/v1/chat/completions", json={"model": NANO, "messages": messages, "max_tokens": 1}
+            )
+    assert response.status_code == 402
