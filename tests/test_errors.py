@@ -89,6 +89,29 @@ async def test_json_nested_too_deep_is_400(
 
 
 @pytest.mark.parametrize("parser", ["stdlib", "orjson"])
+async def test_nan_and_infinity_are_400(
+    http: httpx2.AsyncClient, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, parser: str
+) -> None:
+    """Not JSON: orjson refused them, the standard library's parser sent them upstream."""
+    from gate_middleware import _json
+
+    if parser == "stdlib":
+        monkeypatch.setattr(_json, "loads", _json.stdlib_loads)
+        monkeypatch.setattr(_json, "dumps", _json.stdlib_dumps)
+    else:
+        pytest.importorskip("orjson")
+    raw = b'{"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "x"}], '
+    for value in (b"NaN", b"Infinity", b"-Infinity"):
+        response = await http.post(
+            "/v1/chat/completions",
+            content=raw + b'"temperature": ' + value + b"}",
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 400
+    assert len(upstream.requests) == 0
+
+
+@pytest.mark.parametrize("parser", ["stdlib", "orjson"])
 @pytest.mark.parametrize(
     "raw",
     [
