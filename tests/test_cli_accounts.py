@@ -50,3 +50,16 @@ def test_keys_topup_and_usage_from_the_command_line(
     assert "ci" in listing and secret not in listing and secret[:14] in listing
     assert main(["usage", "--database", url]) == 0
     assert account in capsys.readouterr().out
+
+
+def test_a_key_refused_makes_no_new_account(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keys create --new-account` with a bad limit said "error" after it had made the
+    account, left behind without a key."""
+    url = f"sqlite:///{tmp_path / 'gate.db'}"
+    new = ["keys", "create", "--new-account", "Acme", "--database", url]
+    assert main([*new, "--spend-limit", "abc"]) == 1
+    assert "spend_limit_usd" in capsys.readouterr().out
+    assert main(["usage", "--database", url]) == 0
+    assert "Acme" not in capsys.readouterr().out

@@ -3,11 +3,23 @@ from __future__ import annotations
 import httpx2
 import openai
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from gate_middleware import GateSettings, Gateway, ProviderSettings, RequestRecord
+from gate_middleware.storage import LedgerQuery
 from gate_middleware.testing import FakeUpstream, Fault
 
-from .conftest import KEY, chat_scope, client_for, make_gateway, mounted, sdk
+from .conftest import (
+    KEY,
+    LiveServer,
+    chat_scope,
+    client_for,
+    fund,
+    make_billing_gateway,
+    make_gateway,
+    mounted,
+    sdk,
+)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -77,6 +89,29 @@ async def test_json_nested_too_deep_is_400(
 
 
 @pytest.mark.parametrize("parser", ["stdlib", "orjson"])
+async def test_nan_and_infinity_are_400(
+    http: httpx2.AsyncClient, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, parser: str
+) -> None:
+    """Not JSON: orjson refused them, the standard library's parser sent them upstream."""
+    from gate_middleware import _json
+
+    if parser == "stdlib":
+        monkeypatch.setattr(_json, "loads", _json.stdlib_loads)
+        monkeypatch.setattr(_json, "dumps", _json.stdlib_dumps)
+    else:
+        pytest.importorskip("orjson")
+    raw = b'{"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "x"}], '
+    for value in (b"NaN", b"Infinity", b"-Infinity"):
+        response = await http.post(
+            "/v1/chat/completions",
+            content=raw + b'"temperature": ' + value + b"}",
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 400
+    assert len(upstream.requests) == 0
+
+
+@pytest.mark.parametrize("parser", ["stdlib", "orjson"])
 @pytest.mark.parametrize(
     "raw",
     [
@@ -115,6 +150,44 @@ async def test_unpaired_surrogate_is_400(
     )
     assert ok.status_code == 200
     assert upstream.requests[-1]["body"]["messages"][0]["content"] == "\U0001f600"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"models": ["openai/gpt-4.1\x00"]},  # `models` alone: its first is the model
+        {"model": "openai/gpt-4.1", "models": ["openai/gpt-4.1-mini\x00"]},
+    ],
+)
+async def test_nul_in_models_is_400(
+    http: httpx2.AsyncClient, upstream: FakeUpstream, extra: dict[str, object]
+) -> None:
+    """A NUL in `model` was refused, not in OpenRouter's `models`: the model that
+    answered then named a ledger row PostgreSQL refuses (unpriced models served free)."""
+    response = await http.post("/v1/chat/completions", json={"messages": MESSAGES, **extra})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "models"
+    assert len(upstream.requests) == 0
+
+
+@pytest.mark.parametrize("field", ["model", "models"])
+async def test_a_model_name_too_long_is_400_and_no_ledger_bloat(
+    upstream: FakeUpstream, field: str
+) -> None:
+    """A key with no money sent 4 MB model names: each refused request stored the name
+    in its ledger row at every level (20 requests grew the database by 160 MB)."""
+    gateway = make_billing_gateway(upstream, "memory://")
+    name = "openai/" + "x" * 300
+    body = {"model": name} if field == "model" else {"models": [name]}
+    async with gateway:
+        account, secret = await fund(gateway, None)
+        async with client_for(gateway, secret) as http:
+            response = await http.post("/v1/chat/completions", json={"messages": MESSAGES, **body})
+        assert gateway.accounting is not None
+        await gateway.accounting.writer.flush()
+        rows = await gateway.accounting.storage.rows(LedgerQuery(account_id=account))
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+    assert name not in response.text
+    assert all(row.model is None for row in rows)
 
 
 async def test_sdk_raises_its_own_classes(client: openai.AsyncOpenAI, gateway: object) -> None:
@@ -228,6 +301,58 @@ async def test_upstream_errors_are_relayed_openai_shaped(
     if fault.status == 400:
         assert error.body["message"] == "context too long"
     assert records[-1].status == status
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status", [201, 204, 302])
+async def test_an_upstream_status_that_is_no_answer_is_a_502(status: int, stream: bool) -> None:
+    """Relayed as it was, a 201 read as a success with an error body, and a 204 could
+    not carry its body at all (the server failed mid-answer; the client got nothing)."""
+
+    async def odd(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    gateway = make_gateway(odd)
+    async with gateway, client_for(gateway) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": "openai/gpt-4.1", "messages": MESSAGES, "stream": stream},
+        )
+    assert response.status_code == 502
+    assert_openai_error(response.json(), code="upstream_bad_response")
+
+
+async def test_an_upstream_redirect_is_not_followed() -> None:
+    """Followed, a 307 to another host sent it the caller's prompt and the provider's
+    own headers (aiohttp drops only `Authorization` across origins)."""
+    received: list[bytes] = []
+
+    async def elsewhere(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            received.append((await receive()).get("body", b""))
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    with LiveServer(elsewhere) as other:
+        target = other.url.replace("127.0.0.1", "localhost").encode()
+
+        async def redirect(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                headers = [(b"location", target + b"/v1/chat/completions")]
+                await send({"type": "http.response.start", "status": 307, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
+
+        with LiveServer(redirect) as upstream:
+            provider = ProviderSettings(
+                base_url=upstream.url + "/v1", api_key="up", headers={"x-api-key": "s3cr3t"}
+            )
+            gateway = Gateway(GateSettings(api_keys=[KEY], providers={"openai": provider}))
+            async with gateway, client_for(gateway) as http:
+                response = await http.post(
+                    "/v1/chat/completions", json={"model": "openai/gpt-4.1", "messages": MESSAGES}
+                )
+    assert response.status_code == 502 and received == []
 
 
 async def test_stream_refused_before_first_byte_keeps_its_status(

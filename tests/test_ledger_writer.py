@@ -11,6 +11,7 @@ from gate_middleware.metering import LedgerWriter
 from gate_middleware.storage import (
     Account,
     LedgerQuery,
+    LedgerRejected,
     LedgerRow,
     Spend,
     Storage,
@@ -234,3 +235,61 @@ async def test_a_database_out_of_reach_sets_nothing_aside(
     down = False
     await ledger.flush()
     assert await written(storage) == (2, ["r0", "r1"])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_refused_batch_whose_split_loses_the_database_keeps_every_row(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch refused for one bad row is split; the database then went away on the
+    first half. That half was kept, the rest of the batch vanished (six rows here)."""
+    real = storage.write
+    down = True
+
+    async def flaky(rows: Sequence[LedgerRow], spends: Sequence[Spend], **kw: bool) -> None:
+        nonlocal down
+        if rows and len(rows) < 8 and down:
+            down = False
+            raise ConnectionError("the database went away")
+        await real(rows, spends, **kw)
+
+    monkeypatch.setattr(storage, "write", flaky)
+    ledger = LedgerWriter(storage)
+    good = [row(f"r{i}") for i in range(7)]
+    ledger.add([*good[:3], row("bad")._replace(prompt_tokens=2**70), *good[3:]])
+    ledger.merge({("account", "a", None): 8})
+    with pytest.raises(ConnectionError):
+        await ledger.flush()
+    await ledger.flush()
+    assert await written(storage) == (8, [r.id for r in good])
+    assert [r.id for r, _ in ledger.rejected] == ["bad"] and ledger.pending == 0
+
+
+@pytest.mark.parametrize("database_url", ["memory", "sqlite"], indirect=True)
+async def test_a_refused_batch_of_a_cancelled_flush_is_not_lost(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush (a request's, for GET /ledger) cancelled while the database refuses its
+    batch: the write went on, the refusal came with nobody left to split the batch,
+    and every row and balance change of it was dropped."""
+    real = storage.write
+
+    async def slow(rows: Sequence[LedgerRow], spends: Sequence[Spend], **kw: bool) -> None:
+        await asyncio.sleep(0.05)
+        if any(r.id == "bad" for r in rows):  # as PostgreSQL refuses a NUL
+            raise LedgerRejected("invalid byte sequence")
+        await real(rows, spends, **kw)
+
+    monkeypatch.setattr(storage, "write", slow)
+    ledger = LedgerWriter(storage)
+    good = [row(f"r{i}") for i in range(7)]
+    ledger.add([*good[:3], row("bad"), *good[3:]], [Spend("account", "a", 8)])
+    flushing = asyncio.ensure_future(ledger.flush())
+    await asyncio.sleep(0.01)
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    await asyncio.sleep(0.1)  # the refusal arrives
+    await ledger.flush()
+    assert await written(storage) == (8, [r.id for r in good])
+    assert [r.id for r, _ in ledger.rejected] == ["bad"] and ledger.pending == 0

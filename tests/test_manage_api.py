@@ -405,6 +405,38 @@ async def test_a_key_cannot_change_its_own_account_or_keys(
 
 
 @pytest.mark.parametrize("database_url", ["memory"], indirect=True)
+async def test_a_sub_account_pattern_cannot_allow_what_its_parent_does_not(
+    gateway: Gateway,
+) -> None:
+    """Patterns were checked against the parent's as names: "[!mini]*" contains "mini",
+    so "*mini*" let it through, and it matches "openai/gpt-4.1". An account limited to
+    the mini models made a customer (or itself a key below) that used gpt-4.1."""
+    _, secret = await fund(gateway, "5", allowed_models=["*mini*"])
+    async with client(mounted(gateway), secret) as manager:
+        assert_error(
+            await manager.post("/v1/accounts", json={"name": "C", "allowed_models": ["[!mini]*"]}),
+            400,
+        )
+        child = await ok(
+            await manager.post(
+                "/v1/accounts", json={"name": "C", "allowed_models": ["openai/gpt-4.1-mini"]}
+            ),
+            201,
+        )
+        await manager.post(f"/v1/accounts/{child['id']}/topups", json={"amount_usd": 1})
+    # A pattern stored before the check was tightened allows no more either (here,
+    # nothing: what is left of it within the parent's).
+    assert gateway.accounting is not None
+    await gateway.accounting.storage.update_account(child["id"], {"allowed_models": ("[!mini]*",)})
+    async with client(mounted(gateway), secret) as manager:
+        key = await ok(
+            await manager.post(f"/v1/accounts/{child['id']}/keys", json={"name": "k"}), 201
+        )
+    async with client(mounted(gateway), key["key"]) as customer:
+        assert_error(await chat(customer), 403, "model_not_allowed")
+
+
+@pytest.mark.parametrize("database_url", ["memory"], indirect=True)
 @pytest.mark.parametrize(
     "limits",
     [

@@ -239,6 +239,35 @@ async def test_host_route_calls_are_charged_to_the_callers_account(
     assert stored is not None and 0 < stored.spent <= stored.credits
 
 
+async def test_a_host_route_path_with_a_nul_is_400(upstream: FakeUpstream) -> None:
+    """A path with "%00" (servers decode it) named the route on every ledger row of the
+    request's model calls: PostgreSQL refused those rows, so they were charged but never
+    on the ledger. Refused at the door instead."""
+    from .conftest import fund, make_billing_gateway
+
+    gateway = make_billing_gateway(upstream, "memory://")
+    app = FastAPI()
+    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
+
+    @app.post("/ai/{name}")
+    async def hello(name: str, request: Request) -> dict[str, str]:
+        answer = await request.state.gate.chat(
+            model="openai/gpt-4.1", messages=[{"role": "user", "content": "hello"}]
+        )
+        return {"text": answer["choices"][0]["message"]["content"]}
+
+    async with gateway:
+        _, key = await fund(gateway, "1")
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=app), base_url="http://host"
+        ) as http:
+            ok = await http.post("/ai/hello", headers={"authorization": f"Bearer {key}"})
+            nul = await http.post("/ai/he%00llo", headers={"authorization": f"Bearer {key}"})
+    assert ok.status_code == 200
+    assert nul.status_code == 400 and nul.json()["error"]["type"] == "invalid_request_error"
+    assert len(upstream.requests) == 1
+
+
 def _refusing_app(budget: Budget) -> tuple[Gateway, FastAPI]:
     from fastapi import Depends
     from fastapi.responses import StreamingResponse

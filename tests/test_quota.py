@@ -353,3 +353,63 @@ async def test_the_larger_token_limit_sent_is_held_and_an_unreachable_database_i
             down = await http.post("/v1/chat/completions", json=body)
             assert down.status_code == 503
             assert down.json()["error"]["code"] == "service_unavailable"
+
+
+async def test_a_key_not_yet_cached_while_the_database_is_out_of_reach_is_503() -> None:
+    """Its lookup failed: a 500 internal_error, where the hold answers 503 for the same."""
+    gateway = make_billing_gateway(FakeUpstream(), "memory://")
+    async with gateway:
+        _, secret = await fund(gateway, "1")
+        assert gateway.accounting is not None
+
+        async def unreachable(*args: object, **kwargs: object) -> None:
+            raise ConnectionRefusedError("the database is down")
+
+        gateway.accounting.storage.key_by_digest = unreachable  # type: ignore[method-assign,assignment]
+        async with client_for(gateway, secret) as http:
+            down = await http.post(
+                "/v1/chat/completions", json={"model": NANO, "messages": MESSAGES}
+            )
+    assert down.status_code == 503
+    assert down.json()["error"]["code"] == "service_unavailable"
+
+
+async def test_a_stop_while_the_database_is_out_of_reach_leaves_no_writer_running(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The leases could not go back, so the stop raised before it stopped the ledger
+    writer: its task went on failing on a closed storage, logging every 0.2 s for good."""
+    gateway = make_billing_gateway(FakeUpstream(), "memory://")
+    await gateway.__aenter__()
+    _, secret = await fund(gateway, "1")
+    async with client_for(gateway, secret) as http:
+        ok = await http.post("/v1/chat/completions", json={"model": NANO, "messages": MESSAGES})
+    assert ok.status_code == 200
+    assert gateway.accounting is not None
+    storage = gateway.accounting.storage
+
+    async def unreachable(*args: object, **kwargs: object) -> None:
+        raise ConnectionRefusedError("the database is down")
+
+    storage.write = storage.release = unreachable  # type: ignore[method-assign,assignment]
+    with pytest.raises(ConnectionRefusedError):
+        await gateway.__aexit__(None, None, None)
+    caplog.clear()
+    await asyncio.sleep(0.1)  # the writer's interval is 0.02 s here
+    assert "ledger rows failed" not in caplog.text
+
+
+async def test_a_legacy_function_call_is_held_as_prompt() -> None:
+    """A message's `function_call` (the older `tool_calls`) was left out of the prompt
+    estimate: 100,000 tokens of arguments were held as 7, so a request far dearer than
+    the balance went through."""
+    gateway = make_billing_gateway(FakeUpstream(), "memory://")
+    call = {"name": "f", "arguments": "x" * 400_000}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "function_call": call}]
+    async with gateway:
+        _, secret = await fund(gateway, "0.001")
+        async with client_for(gateway, secret) as http:
+            response = await http.post(
+                "/v1/chat/completions", json={"model": NANO, "messages": messages, "max_tokens": 1}
+            )
+    assert response.status_code == 402

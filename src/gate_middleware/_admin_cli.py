@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from .accounts import Accounts
+from .accounts import Accounts, parse_fields
 from .auth import Principal
 from .errors import GateError
 from .pricing import nanos_from_usd, usd
@@ -87,6 +87,7 @@ async def _account_create(accounts: Accounts, args: argparse.Namespace) -> None:
 async def _key_create(accounts: Accounts, args: argparse.Namespace) -> None:
     account_id = args.account
     if account_id is None:
+        parse_fields({"name": args.name, **_fields(args)}, creating=True)  # before the account
         account = await accounts.create_account(_ADMIN, {"name": args.new_account})
         account_id = account.id
         print(f"account: {account_id}")

@@ -67,9 +67,22 @@ def _type_error(param: str, expected: str, value: Any) -> InvalidRequestError:
     )
 
 
+# Model names are short (OpenRouter's longest are under 100 characters); one is stored
+# in every ledger row of a request, refused ones too.
+_LONGEST_NAME = 256
+
+
 def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     models = body.get("models")
+    if isinstance(models, list):
+        for name in models:  # whichever answers names the ledger rows, as `model` does
+            if isinstance(name, str) and (len(name) > _LONGEST_NAME or "\x00" in name):
+                raise InvalidRequestError(
+                    f"Invalid 'models': a name has more than {_LONGEST_NAME} characters "
+                    "or a NUL character.",
+                    param="models",
+                )
     if model is None and isinstance(models, list) and models and isinstance(models[0], str):
         return models[0]  # OpenRouter's convention: `models` alone names the first choice
     if model is None:
@@ -78,6 +91,10 @@ def _model(body: dict[str, Any]) -> str:
         raise _type_error("model", "a non-empty string", model)
     if "\x00" in model:  # no database stores it: its ledger row would fail every batch
         raise InvalidRequestError("Invalid 'model': it contains a NUL character.", param="model")
+    if len(model) > _LONGEST_NAME:
+        raise InvalidRequestError(
+            f"Invalid 'model': longer than {_LONGEST_NAME} characters.", param="model"
+        )
     return model
 
 

@@ -15,9 +15,19 @@ __all__ = ["dumps", "loads", "stdlib_dumps", "stdlib_loads"]
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# NaN and Infinity are not JSON: orjson refuses them, and an upstream would too (the
+# standard library took them, and sent them on as they came).
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def stdlib_loads(data: bytes | str) -> Any:
     try:
-        value = json.loads(data)
+        text = data if isinstance(data, str) else data.decode(json.detect_encoding(data))
+        value = _DECODER.decode(text)
     except RecursionError:  # nested deeper than the interpreter's stack: bad input
         raise ValueError("JSON nested too deeply") from None
     if isinstance(data, str) or _SURROGATE_ESCAPE.search(data):

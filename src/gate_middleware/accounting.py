@@ -102,9 +102,13 @@ class Accounting:
 
     async def aclose(self) -> None:
         try:
-            if self.book is not None:
-                await self.book.stop()
-            await self.writer.stop()
+            try:
+                if self.book is not None:
+                    await self.book.stop()
+            finally:
+                # Stopped even when the leases could not go back (the database out of
+                # reach): else its task went on writing to a closed storage, for good.
+                await self.writer.stop()
         finally:
             await self.storage.close()
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
+import re
 import secrets
 import time
 import uuid
@@ -23,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 from .auth import Level, Principal, StaticKeys
 from .errors import (
     AuthenticationError,
+    GateError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    ServiceUnavailableError,
 )
 from .pricing import NANOS_PER_USD, nanos_from_usd
 from .storage import Account, ApiKey, LedgerRow, Storage, StorageConflict, Target
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
     from .quota import LeaseBook
 
 __all__ = ["AccountKeys", "Accounts", "model_allowed", "new_key"]
+
+logger = logging.getLogger("gate_middleware")
 
 KEY_PREFIX = "sk-gate-"
 _SHOWN = len(KEY_PREFIX) + 6  # the prefix listings show: "sk-gate-" and 6 random characters
@@ -63,6 +69,26 @@ def model_allowed(principal: Principal, *names: str | None) -> bool:
     )
 
 
+def _within(pattern: str, parents: Iterable[str]) -> bool:
+    """Whether every name `pattern` matches, one of `parents` matches too. Not by
+    matching the pattern as a name: "[!mini]*" contains "mini", so "*mini*" matched it,
+    yet it matches "openai/gpt-4.1". A plain name, the same pattern, or one that starts
+    (ends) with the plain text of a parent's "text*" ("*text"); anything else is refused."""
+    plain = not _GLOB.search(pattern)
+    for parent in parents:
+        if pattern == parent or plain and fnmatchcase(pattern, parent):
+            return True
+        head, tail = parent[:-1], parent[1:]
+        if parent.endswith("*") and not _GLOB.search(head) and pattern.startswith(head):
+            return True
+        if parent.startswith("*") and not _GLOB.search(tail) and pattern.endswith(tail):
+            return True
+    return False
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
 def _tightest(values: Iterable[int | None]) -> int | None:
     present = [v for v in values if v is not None]
     return min(present) if present else None
@@ -77,7 +103,7 @@ def _allowed(lists: Iterable[tuple[str, ...] | None]) -> frozenset[str] | None:
         if allowed is None:
             allowed = frozenset(models)
         else:
-            allowed = frozenset(m for m in allowed if any(fnmatchcase(m, p) for p in models))
+            allowed = frozenset(m for m in allowed if _within(m, models))
     return allowed
 
 
@@ -145,8 +171,17 @@ class AccountKeys:
                 if now >= expires - self._ttl * _REFRESH_AHEAD:
                     self._load(hashed)  # in the background; this request goes on
                 return principal
-        # shield: a caller that goes away must not cancel the others' lookup.
-        found = await asyncio.shield(self._load(hashed))
+        try:
+            # shield: a caller that goes away must not cancel the others' lookup.
+            found = await asyncio.shield(self._load(hashed))
+        except GateError:
+            raise  # disabled or expired
+        except Exception as exc:
+            logger.error("Looking up an API key failed: %s", exc)
+            raise ServiceUnavailableError(
+                "API keys cannot be checked right now: their database is out of reach. "
+                "Please try again shortly."
+            ) from None
         if found is None:
             return await self._static.authenticate(key) if self._static else None
         return found
@@ -524,7 +559,7 @@ def _within_parent(fields: Mapping[str, Any], parent: Account) -> None:
         )
     models = fields.get("allowed_models")
     if models is not None and parent.allowed_models is not None:
-        outside = [m for m in models if not any(fnmatchcase(m, p) for p in parent.allowed_models)]
+        outside = [m for m in models if not _within(m, parent.allowed_models)]
         if outside:
             raise InvalidRequestError(
                 f"The parent does not allow: {', '.join(outside)}.", param="allowed_models"

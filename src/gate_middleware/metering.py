@@ -168,7 +168,9 @@ class LedgerWriter:
     def _requeue(
         self, write: asyncio.Future[None], *, rows: list[LedgerRow], spends: list[Spend]
     ) -> None:
-        if write.cancelled() or not isinstance(write.exception(), (LedgerRejected, type(None))):
+        # A refused batch too: the flush that waits for it takes it back to split it,
+        # but a cancelled flush no longer waits, and the batch must not vanish.
+        if write.cancelled() or write.exception() is not None:
             self._failed.append((rows, spends))
 
     async def _write(self, rows: list[LedgerRow], spends: list[Spend], *, again: bool) -> None:
@@ -182,6 +184,7 @@ class LedgerWriter:
         try:
             await asyncio.shield(write)
         except LedgerRejected as exc:
+            self._failed = [entry for entry in self._failed if entry[0] is not rows]
             await self._split(rows, spends, str(exc))
 
     async def _split(self, rows: list[LedgerRow], spends: list[Spend], reason: str) -> None:
@@ -189,7 +192,12 @@ class LedgerWriter:
         spends with the first; a row refused alone is set aside."""
         if len(rows) > 1:
             half = len(rows) // 2
-            await self._write(rows[:half], spends, again=False)
+            try:
+                await self._write(rows[:half], spends, again=False)
+            except BaseException:
+                # Out of reach or cancelled meanwhile: the second half is kept as well.
+                self._failed.append((rows[half:], []))
+                raise
             await self._write(rows[half:], [], again=False)
             return
         for row in rows:

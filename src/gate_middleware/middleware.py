@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import Principal, authenticate
 from .client import GateClient, as_gate_error
-from .errors import GateError, GatewayNotStartedError, error_response
+from .errors import GateError, GatewayNotStartedError, InvalidRequestError, error_response
 from .record import RequestRecord, gate_headers, request_id_for
 
 if TYPE_CHECKING:
@@ -67,9 +67,11 @@ class _Guarded:
                 "The gateway was not started: start it in the host's lifespan "
                 "(FastAPI(lifespan=gateway.lifespan) or 'async with gateway:')."
             )
+        path = self.scope["path"]
+        if "\x00" in path:  # "%00", decoded by the server: the route names every ledger row
+            raise InvalidRequestError("The path contains a NUL character.")
         request = Request(self.scope)
         principal = await authenticate(self.gateway.authenticator, gate_headers(self.scope))
-        path = self.scope["path"]
         self.record = RequestRecord(
             request_id=self.request_id,
             principal=principal,

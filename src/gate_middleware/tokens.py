@@ -46,6 +46,8 @@ def _json_tokens(value: Any) -> int:
 # An image part at high detail costs OpenAI's models 85 + 170 per 512 px tile, about a
 # thousand tokens for a large one; a bit more covers most vendors.
 _PART_TOKENS = 1500
+# A message's calls, read as prompt too: `function_call` is the older form of `tool_calls`.
+_CALL_FIELDS = ("tool_calls", "function_call")
 # Request fields other than messages that the model reads as prompt.
 _PROMPT_FIELDS = ("tools", "functions", "response_format")
 
@@ -61,8 +63,9 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
             if isinstance(message, dict):
                 content = message.get("content")
                 total += 4 + estimate_text_tokens(_text_of(content)) + _parts(content)
-                if "tool_calls" in message:
-                    total += _json_tokens(message["tool_calls"])
+                for field in _CALL_FIELDS:
+                    if field in message:
+                        total += _json_tokens(message[field])
         for field in _PROMPT_FIELDS:
             if field in body:
                 total += _json_tokens(body[field])

@@ -156,8 +156,10 @@ class AiohttpTransport:
                 self._urls.clear()
             parsed = self._urls[url] = URL(url)
         try:
+            # No redirect is followed: aiohttp would replay the call, the caller's prompt
+            # and the provider's own headers (an `x-api-key`) with it, to another host.
             response = await self._session.request(
-                method, parsed, data=body, headers=headers, timeout=timeout
+                method, parsed, data=body, headers=headers, timeout=timeout, allow_redirects=False
             )
         except asyncio.TimeoutError:
             raise _timeout_error(url) from None

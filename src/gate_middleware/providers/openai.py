@@ -164,6 +164,15 @@ def upstream_error(status: int, raw: bytes, headers: Mapping[str, str]) -> Upstr
             type_, code, param = error.get("type"), error.get("code"), error.get("param")
         elif isinstance(error, str):
             message = error
+    if not 400 <= status <= 599:
+        # A 201, a 204, a redirect: no answer, and a status relayed as it is would read
+        # as a success to the client (a 204 or 304 cannot even carry the error).
+        return UpstreamError(
+            f"The upstream answered {status}, which is not an answer.",
+            status=502,
+            code="upstream_bad_response",
+            retryable=False,
+        )
     retry_after = _retry_after(headers)
     if status in (401, 403):
         # The vendor refused the gateway's own credentials: not the caller's fault (so
