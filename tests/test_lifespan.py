@@ -60,6 +60,29 @@ async def test_context_manager_nests_and_closes_pools_once() -> None:
     assert not gateway.started and closed == [True]
 
 
+async def test_a_resource_that_fails_to_close_leaves_the_others_closed() -> None:
+    """One resource's failure to close (a database out of reach when leases go back)
+    left every resource after it open: pools, the limit storage."""
+    closed = []
+
+    class Tracked:
+        def __init__(self, name: str, fails: bool = False) -> None:
+            self.name, self.fails = name, fails
+
+        async def startup(self) -> None: ...
+        async def aclose(self) -> None:
+            closed.append(self.name)
+            if self.fails:
+                raise ConnectionResetError("the database went away")
+
+    providers = {"first": Tracked("first"), "second": Tracked("second", fails=True)}
+    gateway = Gateway(GateSettings(api_keys=[KEY]), providers=providers)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionResetError):
+        async with gateway:
+            pass
+    assert closed == ["second", "first"] and not gateway.started
+
+
 async def test_the_gateway_as_the_root_app_runs_its_own_lifespan(upstream: FakeUpstream) -> None:
     gateway = make_gateway(upstream)
     host = Starlette(routes=[Mount("/v1", gateway)], lifespan=gateway.lifespan)

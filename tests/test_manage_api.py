@@ -647,3 +647,52 @@ async def test_billing_and_management_answers_carry_the_request_id(
             assert preflight.status_code == 200
             assert preflight.headers["x-request-id"] == "mine-2"
             assert preflight.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_what_a_caller_names_itself_is_stored_short_and_exported_as_text(
+    gateway: Gateway,
+) -> None:
+    """X-Title is the caller's to write: 10 MB of it was stored in each ledger row (of a
+    refused request too), and "=HYPERLINK(...)" reached the CSV a parent or the admin
+    opens in a spreadsheet, as a formula."""
+    _, key = await fund(gateway, "1")
+    async with client(mounted(gateway), key) as http:
+        formula = '=HYPERLINK("http://evil.test","invoice")'
+        assert (await chat(http, headers={"x-title": formula})).status_code == 200
+        assert (await chat(http, headers={"x-title": "x" * 100_000})).status_code == 200
+        await gateway.accounting.writer.flush()  # type: ignore[union-attr]
+        rows = (await ok(await http.get("/v1/ledger", params={"kind": "request"})))["data"]
+        assert sorted(len(r["app"]) for r in rows) == [len(formula), 256]
+        exported = await http.get("/v1/ledger.csv", params={"kind": "request"})
+        apps = {r["app"] for r in csv.DictReader(io.StringIO(exported.text))}
+        assert "'" + formula in apps and formula not in apps
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_database_out_of_reach_is_a_503_on_every_api(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Billing, cost analysis and management answered 500 internal_error when their
+    database was out of reach: a 503 tells clients and SDKs to try again."""
+    account, key = await fund(gateway, "1")
+    async with client(mounted(gateway), key) as http, client(mounted(gateway), ADMIN_KEY) as root:
+        assert (await chat(http)).status_code == 200  # the key is cached
+        storage = gateway.accounting.storage  # type: ignore[union-attr]
+
+        async def gone(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+        for name in ("rows", "overview", "account", "children", "credit", "add_account"):
+            monkeypatch.setattr(storage, name, gone)
+        answers = [
+            await http.get("/v1/credits"),
+            await http.get("/v1/ledger"),
+            await http.get("/v1/usage"),
+            await http.get("/v1/dashboard/billing/subscription"),
+            await root.post("/v1/accounts", json={"name": "x"}),
+            await root.post(f"/v1/accounts/{account}/topups", json={"amount_usd": "1"}),
+        ]
+        for answer in answers:
+            assert_error(answer, 503, "service_unavailable")
+            assert "Connection reset" not in answer.text

@@ -32,7 +32,9 @@ from .errors import (
     ConfigurationError,
     GateError,
     NotFoundError,
+    ServiceUnavailableError,
     error_response,
+    out_of_reach,
 )
 from .guard import Guard
 from .health import HealthStore, health_from_url
@@ -40,7 +42,7 @@ from .providers import providers_from_settings
 from .providers.base import Provider
 from .providers.fake import FakeProvider
 from .ratelimit import RateLimitGuard
-from .record import RecordHook, RequestRecord, gate_headers
+from .record import RecordHook, RequestRecord, app_of, gate_headers
 from .retry import ROUTING_FIELDS, Candidate, Outcome, RetryPolicy, plan, run
 from .routing import Catalogue, ModelEntry
 from .settings import GateSettings
@@ -200,8 +202,15 @@ class Gateway(Starlette):
     async def __aexit__(self, *exc_info: object) -> None:
         self._users -= 1
         if self._users == 0:
+            failed: BaseException | None = None
             for resource in reversed(self._resources()):
-                await resource.aclose()
+                try:
+                    await resource.aclose()
+                except BaseException as exc:  # the others close all the same
+                    logger.error("Closing %s failed: %r", type(resource).__name__, exc)
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
 
     def root_routes(self) -> list[Route]:
         """Billing routes for the host's root, for tools that call them without `/v1`:
@@ -233,7 +242,7 @@ class Gateway(Starlette):
             endpoint=endpoint,
             model="",
             started=time.monotonic(),
-            app=headers.get("x-title") or headers.get("http-referer"),
+            app=app_of(headers),
             route=scope.get(ROUTE),
             parent_id=scope.get(PARENT),
         )
@@ -316,6 +325,8 @@ class Gateway(Starlette):
         same (its quota hold, its slot in flight) and its ledger row is written."""
         if isinstance(exc, asyncio.CancelledError):
             error = GateError("The request was cancelled.", status=499, code="cancelled")
+        elif out_of_reach(exc):
+            error = ServiceUnavailableError("The gateway's database is out of reach right now.")
         else:
             error = GateError("The gateway failed to handle the request.", code="internal_error")
         with anyio.CancelScope(shield=True):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+import sys
 from collections.abc import Mapping
 
 from starlette.requests import Request
@@ -210,9 +212,33 @@ async def handle_gate_error(request: Request, exc: Exception) -> Response:
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    # The traceback goes to the log; the client gets no trace of it.
-    logging.getLogger("gate_middleware").error(
-        "Unexpected error (request %s).", request.scope.get(REQUEST_ID), exc_info=exc
+    request_id = request.scope.get(REQUEST_ID)
+    logger = logging.getLogger("gate_middleware")
+    if out_of_reach(exc):
+        # The database, not the request: a 503 tells clients and SDKs to try again.
+        logger.error("The database is out of reach (request %s): %r", request_id, exc)
+        error: GateError = ServiceUnavailableError(
+            "The gateway's database is out of reach right now. Please try again shortly."
+        )
+    else:
+        # The traceback goes to the log; the client gets no trace of it.
+        logger.error("Unexpected error (request %s).", request_id, exc_info=exc)
+        error = GateError("The gateway failed to handle the request.", code="internal_error")
+    return error_response(error, request_id)
+
+
+def out_of_reach(exc: BaseException) -> bool:
+    """Whether `exc` says a database could not be reached or was busy (a refused or
+    dropped connection, a locked SQLite file), not that the request was wrong."""
+    if isinstance(exc, (OSError, sqlite3.OperationalError)):  # OSError: timeouts too
+        return True
+    asyncpg = sys.modules.get("asyncpg")  # only if in use
+    return asyncpg is not None and isinstance(
+        exc,
+        (
+            asyncpg.InterfaceError,  # a connection closed mid-operation, a pool closing
+            asyncpg.PostgresConnectionError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError,
+        ),
     )
-    error = GateError("The gateway failed to handle the request.", code="internal_error")
-    return error_response(error, request.scope.get(REQUEST_ID))

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .auth import Principal, authenticate
 from .client import GateClient, as_gate_error
 from .errors import GateError, GatewayNotStartedError, InvalidRequestError, error_response
-from .record import RequestRecord, gate_headers, request_id_for
+from .record import RequestRecord, app_of, gate_headers, request_id_for
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -70,7 +70,6 @@ class _Guarded:
         path = self.scope["path"]
         if "\x00" in path:  # "%00", decoded by the server: the route names every ledger row
             raise InvalidRequestError("The path contains a NUL character.")
-        request = Request(self.scope)
         principal = await authenticate(self.gateway.authenticator, gate_headers(self.scope))
         self.record = RequestRecord(
             request_id=self.request_id,
@@ -78,7 +77,7 @@ class _Guarded:
             endpoint="route",
             model="",
             started=time.monotonic(),
-            app=request.headers.get("x-title") or request.headers.get("http-referer"),
+            app=app_of(gate_headers(self.scope)),
             route=path,
         )
         await self.gateway.admit(self.record, {})

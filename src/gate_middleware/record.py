@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "HEADERS",
     "RecordHook",
     "RequestRecord",
+    "app_of",
     "gate_headers",
     "request_id_for",
     "usage_into",
@@ -112,6 +113,18 @@ def gate_headers(scope: Scope) -> dict[str, str]:
             if name in _WANTED:
                 found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     return found
+
+
+def app_of(headers: Mapping[str, str]) -> str | None:
+    """The calling app, as OpenRouter reads it (`X-Title`, else `HTTP-Referer`): short
+    enough to store in every ledger row of the request (refused ones too), no NUL."""
+    app = headers.get("x-title") or headers.get("http-referer")
+    if app and (len(app) > _LONGEST_APP or "\x00" in app):
+        app = app.replace("\x00", "")[:_LONGEST_APP]
+    return app or None
+
+
+_LONGEST_APP = 256
 
 
 def request_id_for(scope: Scope) -> str:

@@ -286,7 +286,7 @@ class ManageAPI:
             while True:
                 for row in rows:
                     view = row_view(row)
-                    writer.writerow(view[name] for name in _CSV_COLUMNS)
+                    writer.writerow(_cell(view[name]) for name in _CSV_COLUMNS)
                 yield out.getvalue()
                 out.seek(0)
                 out.truncate()
@@ -326,3 +326,14 @@ def manage_routes(manage: ManageAPI) -> list[Route]:
         Route("/ledger.csv", named(manage.ledger_csv), methods=["GET"]),
         Route("/openapi.json", named(manage.openapi), methods=["GET"]),
     ]
+
+
+def _cell(value: Any) -> Any:
+    """Text a spreadsheet would run as a formula (a caller's own X-Title or request id:
+    "=HYPERLINK(...)") starts with a quote, which shows it as text (OWASP's advice)."""
+    if isinstance(value, str) and value[:1] in _FORMULA_STARTS:
+        return "'" + value
+    return value
+
+
+_FORMULA_STARTS = frozenset("=+-@\t\r")
