@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,18 @@ def test_a_key_refused_makes_no_new_account(
     assert "spend_limit_usd" in capsys.readouterr().out
     assert main(["usage", "--database", url]) == 0
     assert "Acme" not in capsys.readouterr().out
+
+
+def test_a_database_out_of_reach_is_an_error_line_not_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://gate:secret@127.0.0.1:{port}/test"
+    assert main(["usage", "--database", url]) == 1
+    out = capsys.readouterr().out
+    assert (
+        out.startswith("error: the database at postgresql://127.0.0.1:") and "out of reach" in out
+    )
+    assert "secret" not in out and "Traceback" not in out

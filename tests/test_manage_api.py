@@ -550,6 +550,8 @@ async def check_writes(admin: httpx2.AsyncClient, account: str) -> None:
         ("/v1/accounts", {"name": "X", "expires_at": 1e300}, "expires_at"),
         ("/v1/accounts", {"name": "X", "expires_at": -1.0}, "expires_at"),
         ("/v1/accounts", {"name": "X\x00"}, "name"),
+        ("/v1/accounts", {"name": "X", "allowed_models": ["openai/\x00"]}, "allowed_models"),
+        ("/v1/accounts", {"name": "X", "allowed_models": ["m" * 257]}, "allowed_models"),
         (f"/v1/accounts/{account}/keys", {"name": "k", "expires_at": 1e300}, "expires_at"),
         (f"/v1/accounts/{account}/topups", {"amount_usd": "1e999999999"}, "amount_usd"),
         (f"/v1/accounts/{account}/topups", {"amount_usd": 1, "note": "\x00"}, "note"),

@@ -303,6 +303,11 @@ def test_a_prompts_estimate_counts_images_tools_and_schemas() -> None:
     assert (
         estimate_prompt_tokens({**text, "response_format": {"schema": "z" * 4000}}) >= base + 1000
     )
+    # Who spoke is read too; an embedding input mixing token ids and text counts each.
+    named = {"messages": [{**text["messages"][0], "name": "n" * 4000}]}
+    assert estimate_prompt_tokens(named) >= base + 1000
+    assert estimate_prompt_tokens({"input": [1, "x" * 4000]}) >= 1000
+    assert estimate_prompt_tokens({"input": [[1, 2], [3]]}) == 3
 
 
 async def test_a_process_cut_off_from_its_leases_stops_spending_them(tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 
 from .accounts import Accounts, parse_fields
 from .auth import Principal
-from .errors import GateError
+from .errors import GateError, out_of_reach
 from .pricing import nanos_from_usd, usd
+from .providers._transport import shown
 from .storage import LedgerQuery, Storage, storage_from_url
 
 __all__ = ["add_commands"]
@@ -59,6 +60,11 @@ def _run(job: Callable[[Accounts, argparse.Namespace], Awaitable[None]]) -> Call
             asyncio.run(main())
         except GateError as exc:
             print(f"error: {exc.message}", flush=True)
+            return 1
+        except Exception as exc:
+            if not out_of_reach(exc):
+                raise
+            print(f"error: the database at {shown(url)} is out of reach: {exc}", flush=True)
             return 1
         return 0
 

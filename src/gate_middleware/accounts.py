@@ -46,6 +46,7 @@ KEY_PREFIX = "sk-gate-"
 _SHOWN = len(KEY_PREFIX) + 6  # the prefix listings show: "sk-gate-" and 6 random characters
 _LIMITS = ("rpm", "tpm", "rpd", "max_concurrency")
 _MAX_CACHE = 10_000
+_MAX_PATTERNS, _LONGEST_PATTERN = 1000, 256  # allowed_models: as long as model names may be
 _REFRESH_AHEAD = 0.2  # of the cache time: a key in use is looked up again this early
 
 
@@ -326,10 +327,16 @@ def parse_fields(body: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
     if "allowed_models" in body:
         models = body["allowed_models"]
         if models is not None and (
-            not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
+            not isinstance(models, list)
+            or len(models) > _MAX_PATTERNS
+            or not all(
+                isinstance(m, str) and m and len(m) <= _LONGEST_PATTERN and "\x00" not in m
+                for m in models
+            )
         ):
             raise InvalidRequestError(
-                "'allowed_models' must be a list of model names (or patterns like 'openai/*').",
+                "'allowed_models' must be a list of model names (or patterns like 'openai/*'), "
+                f"at most {_MAX_PATTERNS} of at most {_LONGEST_PATTERN} characters, without NUL.",
                 param="allowed_models",
             )
         fields["allowed_models"] = None if models is None else tuple(models)

@@ -63,6 +63,8 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
             if isinstance(message, dict):
                 content = message.get("content")
                 total += 4 + estimate_text_tokens(_text_of(content)) + _parts(content)
+                if "name" in message:  # the model reads who spoke too
+                    total += estimate_text_tokens(str(message["name"]))
                 for field in _CALL_FIELDS:
                     if field in message:
                         total += _json_tokens(message[field])
@@ -74,10 +76,13 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     if isinstance(inputs, str):
         return max(1, estimate_text_tokens(inputs))
     if isinstance(inputs, list):
-        if inputs and isinstance(inputs[0], int):
-            return len(inputs)
+        # Token ids (one each), lists of them, or texts; mixed, each counts as what it is.
         return sum(
-            len(item) if isinstance(item, list) else max(1, estimate_text_tokens(str(item)))
+            1
+            if isinstance(item, int)
+            else len(item)
+            if isinstance(item, list)
+            else max(1, estimate_text_tokens(str(item)))
             for item in inputs
         )
     return 0
