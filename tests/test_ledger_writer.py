@@ -293,3 +293,55 @@ async def test_a_refused_batch_of_a_cancelled_flush_is_not_lost(
     await ledger.flush()
     assert await written(storage) == (8, [r.id for r in good])
     assert [r.id for r, _ in ledger.rejected] == ["bad"] and ledger.pending == 0
+
+
+@pytest.mark.parametrize("database_url", ["memory", "sqlite"], indirect=True)
+async def test_the_balance_changes_of_a_refused_first_row_go_with_the_next_rows(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first row refused: its batch's balance changes were written alone, a batch
+    no first row can vouch for. Committed, then the connection lost before the answer,
+    they were written again on the retry: the account charged twice."""
+    real = storage.write
+    lost = False
+
+    async def flaky(rows: Sequence[LedgerRow], spends: Sequence[Spend], **kw: bool) -> None:
+        nonlocal lost
+        if any(r.id == "bad" for r in rows):  # as PostgreSQL refuses a NUL
+            raise LedgerRejected("invalid byte sequence")
+        await real(rows, spends, **kw)
+        if spends and not lost:
+            lost = True  # committed; the answer never came
+            raise ConnectionError("the database went away")
+
+    monkeypatch.setattr(storage, "write", flaky)
+    ledger = LedgerWriter(storage)
+    ledger.add([row("bad"), row("g1"), row("g2")], [Spend("account", "a", 8)])
+    with pytest.raises(ConnectionError):
+        await ledger.flush()
+    await ledger.flush()
+    assert await written(storage) == (8, ["g1", "g2"])
+    assert [r.id for r, _ in ledger.rejected] == ["bad"] and ledger.pending == 0
+
+
+@pytest.mark.parametrize("database_url", ["memory", "sqlite"], indirect=True)
+async def test_balance_changes_the_database_refuses_set_no_row_aside(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The balance changes refused (PostgreSQL: spent past BIGINT), not a row: they
+    went with the first half down to the first row, which was set aside, never in the
+    ledger, though the database stores it."""
+    real = storage.write
+
+    async def refusing(rows: Sequence[LedgerRow], spends: Sequence[Spend], **kw: bool) -> None:
+        if any(s.amount > 2**40 for s in spends):
+            raise LedgerRejected("bigint out of range")
+        await real(rows, spends, **kw)
+
+    monkeypatch.setattr(storage, "write", refusing)
+    ledger = LedgerWriter(storage)
+    good = [row(f"g{i}") for i in range(4)]
+    ledger.add(good, [Spend("account", "a", 2**41)])
+    await ledger.flush()
+    assert await written(storage) == (0, [r.id for r in good])
+    assert ledger.rejected == [] and ledger.pending == 0 and not ledger.spends

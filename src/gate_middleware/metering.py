@@ -173,7 +173,18 @@ class LedgerWriter:
         if write.cancelled() or write.exception() is not None:
             self._failed.append((rows, spends))
 
-    async def _write(self, rows: list[LedgerRow], spends: list[Spend], *, again: bool) -> None:
+    async def _write(
+        self, rows: list[LedgerRow], spends: list[Spend], *, again: bool
+    ) -> list[Spend]:
+        """Write a batch, a refused one in parts (see `_split`); the balance changes
+        that no row could carry (its rows all refused), to go with the next rows."""
+        try:
+            await self._attempt(rows, spends, again=again)
+        except LedgerRejected as exc:
+            return await self._split(rows, spends, str(exc))
+        return []
+
+    async def _attempt(self, rows: list[LedgerRow], spends: list[Spend], *, again: bool) -> None:
         # Shielded: a cancelled flush (a shutdown) must not leave a batch half known.
         # The write goes on; only if it fails is the batch kept to try again, so it is
         # never both written and queued (a refused one is split at once instead).
@@ -183,23 +194,43 @@ class LedgerWriter:
         write.add_done_callback(self._writing.discard)
         try:
             await asyncio.shield(write)
-        except LedgerRejected as exc:
+        except LedgerRejected:
             self._failed = [entry for entry in self._failed if entry[0] is not rows]
-            await self._split(rows, spends, str(exc))
+            raise
 
-    async def _split(self, rows: list[LedgerRow], spends: list[Spend], reason: str) -> None:
+    async def _split(self, rows: list[LedgerRow], spends: list[Spend], reason: str) -> list[Spend]:
         """A refused batch (nothing of it written): its halves, each on its own, the
-        spends with the first; a row refused alone is set aside."""
+        spends with the first rows written; a row refused alone is set aside. Returns
+        the spends if every row was refused.
+
+        The spends never go alone while a row can carry them: a batch without rows
+        cannot tell, written again, whether it was committed the first time."""
         if len(rows) > 1:
             half = len(rows) // 2
             try:
-                await self._write(rows[:half], spends, again=False)
+                spends = await self._write(rows[:half], spends, again=False)
             except BaseException:
                 # Out of reach or cancelled meanwhile: the second half is kept as well.
                 self._failed.append((rows[half:], []))
                 raise
-            await self._write(rows[half:], [], again=False)
-            return
+            return await self._write(rows[half:], spends, again=False)
+        if not rows:  # balance changes alone, refused: nothing else to blame
+            logger.error("The database refused balance changes %s: %s", spends, reason)
+            return []
+        if spends:
+            # Refused with the batch's balance changes: the row alone tells which.
+            try:
+                await self._attempt(rows, [], again=False)
+            except LedgerRejected:
+                pass  # the row: set aside below, its spends go on with the next rows
+            except BaseException:
+                # The row is kept (or still being written); the spends, written with
+                # nothing, wait for the next batch.
+                self._carry(spends)
+                raise
+            else:
+                logger.error("The database refused balance changes %s: %s", spends, reason)
+                return []
         for row in rows:
             logger.error(
                 "The database refused ledger row %s (%s, account %s, %d nanodollars; "
@@ -213,10 +244,7 @@ class LedgerWriter:
             if len(self.rejected) >= _MAX_REJECTED:
                 del self.rejected[0]
             self.rejected.append((row, reason))
-        if spends and rows:
-            await self._write([], spends, again=False)
-        elif spends:  # no row left to blame: the balance changes themselves
-            logger.error("The database refused balance changes %s: %s", spends, reason)
+        return spends
 
     async def flush(self) -> None:
         """Write what is queued when the write starts; waits for a write already under way.
@@ -227,7 +255,7 @@ class LedgerWriter:
         """
         async with self._lock:
             while self._failed:  # first, in order: what failed before
-                await self._write(*self._failed.pop(0), again=True)
+                self._carry(await self._write(*self._failed.pop(0), again=True))
             left = len(self._rows)
             if not (left or self.spends):
                 return
@@ -239,6 +267,10 @@ class LedgerWriter:
                 if not left:  # the balance changes go with the last rows
                     spends = [Spend(t, i, n, lease) for (t, i, lease), n in self.spends.items()]
                     self.spends = {}
-                await self._write(rows, spends, again=False)
+                self._carry(await self._write(rows, spends, again=False))
                 if not left:
                     return
+
+    def _carry(self, spends: list[Spend]) -> None:
+        """Balance changes whose rows were all refused: they go with the next rows."""
+        self.merge({(s.target, s.target_id, s.lease_id): s.amount for s in spends})
