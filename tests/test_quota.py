@@ -418,3 +418,24 @@ async def test_a_legacy_function_call_is_held_as_prompt() -> None:
                 "/v1/chat/completions", json={"model": NANO, "messages": messages, "max_tokens": 1}
             )
     assert response.status_code == 402
+
+
+async def test_a_key_lookup_that_fails_for_a_bug_is_no_database_outage() -> None:
+    """Any failure of the lookup was a 503 'their database is out of reach', logged in
+    one line without a traceback: a stored row the code could not read, with the
+    database answering, sent clients and SDKs to retry for good."""
+    gateway = make_billing_gateway(FakeUpstream(), "memory://")
+    async with gateway:
+        _, secret = await fund(gateway, "1")
+        assert gateway.accounting is not None
+
+        async def unreadable(*args: object, **kwargs: object) -> None:
+            raise TypeError("'int' object is not iterable")
+
+        gateway.accounting.storage.key_by_digest = unreadable  # type: ignore[method-assign,assignment]
+        async with client_for(gateway, secret) as http:
+            failed = await http.post(
+                "/v1/chat/completions", json={"model": NANO, "messages": MESSAGES}
+            )
+    assert failed.status_code == 500
+    assert failed.json()["error"]["code"] == "internal_error"

@@ -30,6 +30,7 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
     ServiceUnavailableError,
+    out_of_reach,
 )
 from .pricing import NANOS_PER_USD, nanos_from_usd
 from .storage import Account, ApiKey, LedgerRow, Storage, StorageConflict, Target
@@ -178,6 +179,8 @@ class AccountKeys:
         except GateError:
             raise  # disabled or expired
         except Exception as exc:
+            if not out_of_reach(exc):
+                raise  # a bug, not an outage: a 500, its traceback in the log
             logger.error("Looking up an API key failed: %s", exc)
             raise ServiceUnavailableError(
                 "API keys cannot be checked right now: their database is out of reach. "
