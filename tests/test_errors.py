@@ -86,6 +86,15 @@ async def test_json_nested_too_deep_is_400(
     )
     assert response.status_code == 400
     assert_openai_error(response.json())
+    # Shallow enough to decode, too deep to encode again (the surrogate check does): a
+    # few depths around the interpreter's limit, wherever the stack stands.
+    for depth in range(900, 1000, 3):
+        deep = b'{"model": "openai/gpt-4.1", "messages": ' + b"[" * depth
+        deep += b'"\\ud83d\\ude00"' + b"]" * depth + b"}"
+        response = await http.post(
+            "/v1/chat/completions", content=deep, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, depth
 
 
 @pytest.mark.parametrize("parser", ["stdlib", "orjson"])

@@ -434,6 +434,11 @@ async def test_a_sub_account_pattern_cannot_allow_what_its_parent_does_not(
         )
     async with client(mounted(gateway), key["key"]) as customer:
         assert_error(await chat(customer), 403, "model_not_allowed")
+    # A "*text" parent whose text ends a set: "x[!a]" ends with "a]", yet matches "xb".
+    _, bracketed = await fund(gateway, "5", allowed_models=["*a]"])
+    async with client(mounted(gateway), bracketed) as manager:
+        child_pattern = {"name": "D", "allowed_models": ["x[!a]"]}
+        assert_error(await manager.post("/v1/accounts", json=child_pattern), 400)
 
 
 @pytest.mark.parametrize("database_url", ["memory"], indirect=True)

@@ -36,6 +36,8 @@ def stdlib_loads(data: bytes | str) -> Any:
         # every ledger batch). orjson refuses it; so does this.
         try:
             json.dumps(value, ensure_ascii=False).encode()
+        except RecursionError:  # decoded, yet too deep to encode again: bad input too
+            raise ValueError("JSON nested too deeply") from None
         except UnicodeEncodeError:
             raise ValueError("JSON with an unpaired surrogate (\\ud800-\\udfff)") from None
     return value

@@ -83,7 +83,10 @@ def _within(pattern: str, parents: Iterable[str]) -> bool:
         head, tail = parent[:-1], parent[1:]
         if parent.endswith("*") and not _GLOB.search(head) and pattern.startswith(head):
             return True
-        if parent.startswith("*") and not _GLOB.search(tail) and pattern.endswith(tail):
+        # Not with a "]" in it: the pattern's own could close a set ("x[!a]" ends
+        # with "a]", yet matches "xb").
+        literal_tail = not _GLOB.search(tail) and "]" not in tail
+        if parent.startswith("*") and literal_tail and pattern.endswith(tail):
             return True
     return False
 
