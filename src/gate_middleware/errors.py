@@ -20,6 +20,7 @@ matters most; `type` and `code` follow OpenAI's own values.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
@@ -230,7 +231,8 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
 def out_of_reach(exc: BaseException) -> bool:
     """Whether `exc` says a database could not be reached or was busy (a refused or
     dropped connection, a locked SQLite file), not that the request was wrong."""
-    if isinstance(exc, (OSError, sqlite3.OperationalError)):  # OSError: timeouts too
+    # asyncio's TimeoutError is OSError's subclass from Python 3.11 only.
+    if isinstance(exc, (OSError, asyncio.TimeoutError, sqlite3.OperationalError)):
         return True
     asyncpg = sys.modules.get("asyncpg")  # only if in use
     return asyncpg is not None and isinstance(
