@@ -55,6 +55,21 @@ def example(
         yield module, server.url, records
 
 
+def hello_app(gateway: Gateway) -> FastAPI:
+    """A host app whose guarded routes `/ai/{name}` each make one chat call."""
+    app = FastAPI()
+    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
+
+    @app.post("/ai/{name}")
+    async def hello(name: str, request: Request) -> dict[str, str]:
+        answer = await request.state.gate.chat(
+            model="openai/gpt-4.1", messages=[{"role": "user", "content": "hello"}]
+        )
+        return {"text": answer["choices"][0]["message"]["content"]}
+
+    return app
+
+
 async def test_unauthenticated_calls_are_refused(
     example: tuple[ModuleType, str, list[RequestRecord]],
 ) -> None:
@@ -199,15 +214,7 @@ async def test_host_route_calls_are_charged_to_the_callers_account(
     from .conftest import fund, make_billing_gateway
 
     gateway = make_billing_gateway(upstream, "memory://", quota_max_tokens=16)
-    app = FastAPI()
-    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
-
-    @app.post("/ai/hello")
-    async def hello(request: Request) -> dict[str, str]:
-        answer = await request.state.gate.chat(
-            model="openai/gpt-4.1", messages=[{"role": "user", "content": "hello"}]
-        )
-        return {"text": answer["choices"][0]["message"]["content"]}
+    app = hello_app(gateway)
 
     async with gateway:
         # Enough for a couple of calls of 16 completion tokens at 8 USD per million.
@@ -246,15 +253,7 @@ async def test_a_host_route_path_with_a_nul_is_400(upstream: FakeUpstream) -> No
     from .conftest import fund, make_billing_gateway
 
     gateway = make_billing_gateway(upstream, "memory://")
-    app = FastAPI()
-    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
-
-    @app.post("/ai/{name}")
-    async def hello(name: str, request: Request) -> dict[str, str]:
-        answer = await request.state.gate.chat(
-            model="openai/gpt-4.1", messages=[{"role": "user", "content": "hello"}]
-        )
-        return {"text": answer["choices"][0]["message"]["content"]}
+    app = hello_app(gateway)
 
     async with gateway:
         _, key = await fund(gateway, "1")
