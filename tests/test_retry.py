@@ -243,6 +243,21 @@ async def test_cross_model_fallbacks_configured_and_per_request(
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "models"
 
 
+async def test_a_fallback_model_not_in_the_catalogue_is_tried(
+    gateway: Gateway, a: FakeUpstream, b: FakeUpstream
+) -> None:
+    """`b/finetune-x` is served by the provider named `b` without a catalogue entry."""
+    a.schedule(Fault(status=503), Fault(status=503))
+    answer = await post(gateway, {"model": "house/solo", "models": ["b/finetune-x"]})
+    assert answer.status_code == 200 and answer.json()["model"] == "b/finetune-x"
+    assert [r["body"]["model"] for r in b.requests] == ["finetune-x"]
+    # And the other way round: a model outside the catalogue falls back to one in it.
+    a.schedule(Fault(status=503), Fault(status=503))
+    answer = await post(gateway, {"model": "a/finetune-y", "models": ["house/backup"]})
+    assert answer.status_code == 200 and answer.json()["model"] == "house/backup"
+    assert len(a.requests) == 2  # each tried once: the fallback came next
+
+
 async def test_context_length_errors_go_to_the_context_fallback(
     a: FakeUpstream, b: FakeUpstream
 ) -> None:

@@ -106,8 +106,12 @@ def _routing_options(body: dict[str, Any]) -> tuple[list[str], list[str] | None,
     return models, order, allow
 
 
-def plan(catalogue: Catalogue, entry: ModelEntry, body: dict[str, Any]) -> list[Candidate]:
-    """Every candidate for this request, in the order they will be tried."""
+def plan(
+    catalogue: Catalogue, entry: ModelEntry, body: dict[str, Any], kind: str = "chat"
+) -> list[Candidate]:
+    """Every candidate for this request, in the order they will be tried; `kind` is the
+    API's (`chat` or `embedding`), which a fallback serves or, not in the catalogue
+    (`any`), may serve."""
     if (
         len(entry.deployments) == 1
         and not entry.fallbacks
@@ -119,7 +123,7 @@ def plan(catalogue: Catalogue, entry: ModelEntry, body: dict[str, Any]) -> list[
     names = [*models, *(entry.fallbacks if allow_fallbacks else ())]
     for name in names:
         fallback = catalogue.resolve(name)
-        if fallback not in entries and fallback.kind == entry.kind:
+        if fallback not in entries and fallback.kind in (kind, "any"):
             entries.append(fallback)
     candidates = []
     for model in entries:
