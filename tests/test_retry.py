@@ -301,6 +301,28 @@ async def test_a_failing_deployment_cools_down_and_recovers(
         assert (await post(gateway, order)).headers["x-gate-provider"] == "a"
 
 
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+async def test_half_open_sends_one_trial_not_every_request(
+    a: FakeUpstream, b: FakeUpstream, storage: str, request: pytest.FixtureRequest
+) -> None:
+    health = None
+    if storage == "redis":
+        url = request.getfixturevalue("redis_url")
+        prefix = f"gate-test:{uuid.uuid4().hex}:"
+        health = RedisHealth(url, failures=1, cooldown=0.5, prefix=prefix, refresh=0.05)
+    gateway = build(a, b, health=health, health_failures=1, health_cooldown=0.5)
+    order = {"model": "house/duo", "provider": {"order": ["a", "b"]}}
+    async with gateway:
+        a.schedule(Fault(status=503))
+        assert (await post(gateway, order)).headers["x-gate-provider"] == "b"
+        await asyncio.sleep(0.6)
+        # Still dead, and slow to say so: one request's trial, the others go to b.
+        a.schedule(*[Fault(status=503, latency=0.3)] * 10)
+        answers = await asyncio.gather(*(post(gateway, order) for _ in range(10)))
+    assert [r.status_code for r in answers] == [200] * 10
+    assert len(a.requests) == 2
+
+
 async def test_all_cooling_is_a_503_with_retry_after(a: FakeUpstream, b: FakeUpstream) -> None:
     gateway = build(a, b, health_failures=1, health_cooldown=30, max_retries=0)
     async with gateway:
