@@ -335,6 +335,16 @@ async def test_all_cooling_is_a_503_with_retry_after(a: FakeUpstream, b: FakeUps
     assert len(a.requests) == 1
 
 
+async def test_redis_health_out_of_reach_at_start_does_not_stop_the_gateway(
+    a: FakeUpstream, b: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    health = RedisHealth("redis://127.0.0.1:1/0", refresh=0.05)
+    gateway = build(a, b, health=health)
+    async with gateway:
+        assert (await post(gateway, {"model": "house/solo"})).status_code == 200
+    assert "Redis health storage is unreachable" in caplog.text
+
+
 async def test_health_is_shared_through_redis(
     a: FakeUpstream, b: FakeUpstream, redis_url: str
 ) -> None:

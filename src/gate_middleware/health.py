@@ -117,7 +117,13 @@ class RedisHealth:
 
     async def startup(self) -> None:
         self._stopping = False
-        await self._pull()
+        try:
+            await self._pull()
+        except Exception:
+            # Health is an optimisation: the gateway starts without it (all deployments
+            # healthy), and the poll below picks the shared state up once Redis answers.
+            logger.exception("Redis health storage is unreachable; starting without it.")
+            self._down = True
         self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def aclose(self) -> None:
