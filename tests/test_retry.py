@@ -164,6 +164,24 @@ async def test_a_long_retry_after_with_nowhere_to_go_is_returned(
     assert len(a.requests) == 1
 
 
+async def test_each_deployment_waits_its_own_retry_after(
+    gateway: Gateway, a: FakeUpstream, b: FakeUpstream
+) -> None:
+    duo = {"model": "house/duo", "provider": {"order": ["a", "b"]}}
+    # a asks for 0.5 s, b fails without a wait: a is tried again after its 0.5 s.
+    a.schedule(Fault(status=429, retry_after=0.5))
+    b.schedule(Fault(status=500))
+    started = time.monotonic()
+    response = await post(gateway, duo)
+    assert response.status_code == 200 and response.headers["x-gate-provider"] == "a"
+    assert time.monotonic() - started >= 0.5
+    # a fails without a wait, b asks for an hour: a is tried again, not given up on.
+    a.schedule(Fault(status=500))
+    b.schedule(Fault(status=429, retry_after=3600))
+    response = await post(gateway, duo)
+    assert response.status_code == 200 and response.headers["x-gate-provider"] == "a"
+
+
 async def test_the_deadline_is_respected(a: FakeUpstream, b: FakeUpstream) -> None:
     gateway = build(a, b, max_retries=50, retry_backoff=0.2, retry_backoff_max=0.2)
     a.schedule(*[Fault(status=503)] * 50)

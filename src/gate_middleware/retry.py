@@ -162,6 +162,7 @@ async def run(
     """
     deadline = started + policy.deadline
     failures: dict[int, int] = {}  # candidate index -> failed attempts in this request
+    waits: dict[int, float | None] = {}  # candidate index -> the retry-after it last sent
     last: UpstreamError | None = None
     position, attempts = 0, 0
     while attempts <= policy.max_retries:
@@ -170,8 +171,10 @@ async def run(
             raise last or _all_cooling(candidates, health)
         candidate = candidates[index]
         if failures.get(index):
-            wait = policy.delay(failures[index], last.retry_after if last else None)
-            too_long = last is not None and (last.retry_after or 0) > policy.retry_after_cap
+            # Its own retry-after, not that of another candidate tried since.
+            retry_after = waits.get(index)
+            wait = policy.delay(failures[index], retry_after)
+            too_long = (retry_after or 0) > policy.retry_after_cap
             if too_long or time.monotonic() + wait >= deadline:
                 break  # the caller (or its SDK) is better placed to wait
             await asyncio.sleep(wait)
@@ -191,6 +194,7 @@ async def run(
                     continue
                 raise
             failures[index] = failures.get(index, 0) + 1
+            waits[index] = error.retry_after
             if not isinstance(error, UpstreamLimitError):  # our own limit: not its health
                 await health.failure(candidate.deployment.key)
             if time.monotonic() >= deadline:
