@@ -5,9 +5,12 @@ import json
 import httpx2
 import openai
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from gate_middleware import RequestRecord
 from gate_middleware.testing import FakeUpstream
+
+from .conftest import make_gateway, mounted, sdk
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
@@ -125,3 +128,31 @@ async def test_the_standard_library_json_path_works_too(
     assert chunks[-1].usage is not None
     vectors = await client.embeddings.create(model="openai/text-embedding-3-small", input="é")
     assert vectors.data[0].embedding
+
+
+async def test_an_event_of_several_data_lines_reaches_the_client_whole(
+    records: list[RequestRecord],
+) -> None:
+    """SSE lets an event's data span lines (pretty-printed JSON); the relay keeps them
+    `data:` lines, so the client reads the same JSON."""
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    choice = {"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}
+    pretty = json.dumps({**chunk, "choices": [choice]}, indent=1).replace("\n", "\ndata: ")
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    events = [f"data: {pretty}", f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}"]
+    body = ("\n\n".join([*events, "data: [DONE]"]) + "\n\n").encode()
+
+    async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    gateway = make_gateway(upstream, records)
+    async with gateway:
+        stream = await sdk(mounted(gateway)).chat.completions.create(
+            model="openai/gpt-4.1", messages=MESSAGES, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert [c.choices[0].delta.content for c in chunks] == ["Hello"]
+    assert chunks[0].model == "openai/gpt-4.1"
+    assert records[0].status == 200 and records[0].completion_tokens == 1

@@ -544,3 +544,20 @@ async def test_an_odd_content_length_is_no_500(
     scope = chat_scope(KEY, (b"content-length", length))
     await gateway(scope, receive, send)
     assert sent[0]["status"] == status
+
+
+@pytest.mark.parametrize("status", [401, 400, 500])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_gateways_upstream_key_is_never_relayed(
+    http: httpx2.AsyncClient, upstream: FakeUpstream, status: int, stream: bool
+) -> None:
+    """An upstream that quotes the key it was sent: the caller must not read it."""
+    quoted = Fault(status=status, message="Incorrect API key provided: up-key (Bearer up-key).")
+    upstream.schedule(quoted, quoted, quoted)
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": "openai/gpt-4.1", "messages": MESSAGES, "stream": stream},
+    )
+    assert response.status_code == (403 if status == 401 else status)
+    assert "up-key" not in response.text
+    assert "Incorrect API key provided: ***" in response.json()["error"]["message"]

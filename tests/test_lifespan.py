@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx2
 import openai
 import pytest
@@ -109,3 +111,49 @@ def test_configuration_mistakes_fail_at_construction() -> None:
         Gateway(GateSettings(api_keys=[KEY], providers={"mycorp": {}}))
     with pytest.raises(ConfigurationError, match="Alias"):
         Gateway(GateSettings(api_keys=[KEY], aliases={"fast": "acme/none"}))
+
+
+@pytest.mark.parametrize("database", ["memory://", "sqlite"])
+def test_started_again_on_another_event_loop_bills_every_request(
+    upstream: FakeUpstream, database: str, tmp_path: object
+) -> None:
+    """A test suite's TestClient per test: each lifespan runs on an event loop of its own."""
+    url = f"sqlite:///{tmp_path}/gate.db" if database == "sqlite" else database
+    admin = {"authorization": "Bearer sk-admin-0123456789abcdef"}
+    # A lease a request: each one's hold waits on its purse's lock.
+    gateway = make_gateway(
+        upstream, database_url=url, admin_key=admin["authorization"][7:], quota_lease_usd=1e-9
+    )
+    app = FastAPI(lifespan=gateway.lifespan)
+    app.mount("/v1", gateway)
+    chat = {"model": "openai/gpt-4.1-mini", "messages": [{"role": "user", "content": "hi"}]}
+    statuses = []
+    for run in range(2):
+        with TestClient(app) as client:
+            if run == 0:
+                account = client.post("/v1/accounts", headers=admin, json={"name": "a"}).json()
+                client.post(
+                    f"/v1/accounts/{account['id']}/topups", headers=admin, json={"amount_usd": "5"}
+                )
+                key = client.post(
+                    f"/v1/accounts/{account['id']}/keys", headers=admin, json={"name": "k"}
+                ).json()["key"]
+
+            headers = {"authorization": f"Bearer {key}"}
+
+            def call(n: int, client: TestClient = client, headers: dict = headers) -> int:
+                body = {**chat, "max_tokens": 5, "stream": n % 2 == 0}
+                return client.post("/v1/chat/completions", headers=headers, json=body).status_code
+
+            with ThreadPoolExecutor(8) as pool:
+                statuses += pool.map(call, range(16))
+    assert statuses == [200] * 32
+    with TestClient(app) as client:
+        rows = client.get(
+            "/v1/ledger",
+            headers=admin,
+            params={"account_id": account["id"], "kind": "request", "limit": 100},
+        ).json()["data"]
+        balance = client.get(f"/v1/accounts/{account['id']}", headers=admin).json()
+    assert len(rows) == 32
+    assert balance["spent_usd"] * 10**9 == pytest.approx(sum(r["amount_nanos"] for r in rows))

@@ -164,6 +164,24 @@ async def test_a_long_retry_after_with_nowhere_to_go_is_returned(
     assert len(a.requests) == 1
 
 
+async def test_each_deployment_waits_its_own_retry_after(
+    gateway: Gateway, a: FakeUpstream, b: FakeUpstream
+) -> None:
+    duo = {"model": "house/duo", "provider": {"order": ["a", "b"]}}
+    # a asks for 0.5 s, b fails without a wait: a is tried again after its 0.5 s.
+    a.schedule(Fault(status=429, retry_after=0.5))
+    b.schedule(Fault(status=500))
+    started = time.monotonic()
+    response = await post(gateway, duo)
+    assert response.status_code == 200 and response.headers["x-gate-provider"] == "a"
+    assert time.monotonic() - started >= 0.5
+    # a fails without a wait, b asks for an hour: a is tried again, not given up on.
+    a.schedule(Fault(status=500))
+    b.schedule(Fault(status=429, retry_after=3600))
+    response = await post(gateway, duo)
+    assert response.status_code == 200 and response.headers["x-gate-provider"] == "a"
+
+
 async def test_the_deadline_is_respected(a: FakeUpstream, b: FakeUpstream) -> None:
     gateway = build(a, b, max_retries=50, retry_backoff=0.2, retry_backoff_max=0.2)
     a.schedule(*[Fault(status=503)] * 50)
@@ -243,6 +261,21 @@ async def test_cross_model_fallbacks_configured_and_per_request(
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "models"
 
 
+async def test_a_fallback_model_not_in_the_catalogue_is_tried(
+    gateway: Gateway, a: FakeUpstream, b: FakeUpstream
+) -> None:
+    """`b/finetune-x` is served by the provider named `b` without a catalogue entry."""
+    a.schedule(Fault(status=503), Fault(status=503))
+    answer = await post(gateway, {"model": "house/solo", "models": ["b/finetune-x"]})
+    assert answer.status_code == 200 and answer.json()["model"] == "b/finetune-x"
+    assert [r["body"]["model"] for r in b.requests] == ["finetune-x"]
+    # And the other way round: a model outside the catalogue falls back to one in it.
+    a.schedule(Fault(status=503), Fault(status=503))
+    answer = await post(gateway, {"model": "a/finetune-y", "models": ["house/backup"]})
+    assert answer.status_code == 200 and answer.json()["model"] == "house/backup"
+    assert len(a.requests) == 2  # each tried once: the fallback came next
+
+
 async def test_context_length_errors_go_to_the_context_fallback(
     a: FakeUpstream, b: FakeUpstream
 ) -> None:
@@ -286,6 +319,28 @@ async def test_a_failing_deployment_cools_down_and_recovers(
         assert (await post(gateway, order)).headers["x-gate-provider"] == "a"
 
 
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+async def test_half_open_sends_one_trial_not_every_request(
+    a: FakeUpstream, b: FakeUpstream, storage: str, request: pytest.FixtureRequest
+) -> None:
+    health = None
+    if storage == "redis":
+        url = request.getfixturevalue("redis_url")
+        prefix = f"gate-test:{uuid.uuid4().hex}:"
+        health = RedisHealth(url, failures=1, cooldown=0.5, prefix=prefix, refresh=0.05)
+    gateway = build(a, b, health=health, health_failures=1, health_cooldown=0.5)
+    order = {"model": "house/duo", "provider": {"order": ["a", "b"]}}
+    async with gateway:
+        a.schedule(Fault(status=503))
+        assert (await post(gateway, order)).headers["x-gate-provider"] == "b"
+        await asyncio.sleep(0.6)
+        # Still dead, and slow to say so: one request's trial, the others go to b.
+        a.schedule(*[Fault(status=503, latency=0.3)] * 10)
+        answers = await asyncio.gather(*(post(gateway, order) for _ in range(10)))
+    assert [r.status_code for r in answers] == [200] * 10
+    assert len(a.requests) == 2
+
+
 async def test_all_cooling_is_a_503_with_retry_after(a: FakeUpstream, b: FakeUpstream) -> None:
     gateway = build(a, b, health_failures=1, health_cooldown=30, max_retries=0)
     async with gateway:
@@ -296,6 +351,16 @@ async def test_all_cooling_is_a_503_with_retry_after(a: FakeUpstream, b: FakeUps
     assert response.json()["error"]["code"] == "no_healthy_deployment"
     assert 25 <= int(response.headers["retry-after"]) <= 30
     assert len(a.requests) == 1
+
+
+async def test_redis_health_out_of_reach_at_start_does_not_stop_the_gateway(
+    a: FakeUpstream, b: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    health = RedisHealth("redis://127.0.0.1:1/0", refresh=0.05)
+    gateway = build(a, b, health=health)
+    async with gateway:
+        assert (await post(gateway, {"model": "house/solo"})).status_code == 200
+    assert "Redis health storage is unreachable" in caplog.text
 
 
 async def test_health_is_shared_through_redis(

@@ -253,7 +253,8 @@ class Gateway(Starlette):
         """Plan who may answer the model `entry`, then run every guard's `admit`; if one
         refuses, release what the others took."""
         if entry is not None:
-            record.candidates = plan(self.catalogue, entry, body)
+            kind = "embedding" if record.endpoint == "embeddings" else "chat"
+            record.candidates = plan(self.catalogue, entry, body, kind)
         record.estimated_prompt_tokens = estimate_prompt_tokens(body)
         if record.endpoint.startswith("chat"):  # checked and bounded there (_body.py)
             # Both may come (an SDK sends one, a tool adds the other): the larger binds.

@@ -49,7 +49,15 @@ class MemoryHealth:
 
     def cooling_until(self, key: str) -> float:
         until = self._cooled.get(key, 0.0)
-        return until if until > time.time() else 0.0
+        if not until:
+            return 0.0
+        now = time.time()
+        if until > now:
+            return until
+        # Half-open: the caller is the one trial; the others skip it until its outcome
+        # (else every request meanwhile waited on a deployment that may still be dead).
+        self._cooled[key] = now + self.cooldown
+        return 0.0
 
     async def failure(self, key: str) -> None:
         now = time.time()
@@ -102,13 +110,20 @@ class RedisHealth:
         self._count_prefix = prefix + "failures:"
         self._refresh = refresh
         self._snapshot: dict[str, float] = {}
+        self._trials: dict[str, float] = {}  # half-open: key -> until, this process's trial
         self._task: asyncio.Task[None] | None = None
         self._down = False
         self._stopping = False
 
     async def startup(self) -> None:
         self._stopping = False
-        await self._pull()
+        try:
+            await self._pull()
+        except Exception:
+            # Health is an optimisation: the gateway starts without it (all deployments
+            # healthy), and the poll below picks the shared state up once Redis answers.
+            logger.exception("Redis health storage is unreachable; starting without it.")
+            self._down = True
         self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def aclose(self) -> None:
@@ -142,10 +157,21 @@ class RedisHealth:
 
     def cooling_until(self, key: str) -> float:
         until = self._snapshot.get(key, 0.0)
-        return until if until > time.time() else 0.0
+        if not until:
+            return 0.0
+        now = time.time()
+        if until > now:
+            return until
+        # Half-open: one trial per process at a time (see MemoryHealth.cooling_until).
+        trial = self._trials.get(key, 0.0)
+        if trial > now:
+            return trial
+        self._trials[key] = now + self.cooldown
+        return 0.0
 
     async def failure(self, key: str) -> None:
         now = time.time()
+        self._trials.pop(key, None)
         try:
             if key in self._snapshot:  # a half-open trial failed
                 await self._cool(key, now)
@@ -168,6 +194,7 @@ class RedisHealth:
         logger.warning("Deployment %s is cooling down for %.0f s.", key, self.cooldown)
 
     async def success(self, key: str) -> None:
+        self._trials.pop(key, None)
         if key in self._snapshot:
             self._snapshot.pop(key, None)
             try:

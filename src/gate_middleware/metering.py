@@ -138,6 +138,11 @@ class LedgerWriter:
             queued[key] = queued.get(key, 0) + amount
 
     async def start(self) -> None:
+        # Made anew each start: asyncio's Event and Lock stay bound to the first event
+        # loop that waited on them, and a gateway may be started again on another (a
+        # test's TestClient per test): the writer's task then died at once.
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="gate-ledger-writer")
 

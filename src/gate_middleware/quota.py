@@ -195,6 +195,10 @@ class LeaseBook:
     # Lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        for purse in self._purses.values():
+            # Started again, perhaps on another event loop: a lock stays bound to the
+            # loop it was first contended on (and every hold behind it was a 500).
+            purse.lock = asyncio.Lock()
         self._task = asyncio.create_task(self._maintain(), name="gate-leases")
 
     async def stop(self) -> None:

@@ -106,8 +106,12 @@ def _routing_options(body: dict[str, Any]) -> tuple[list[str], list[str] | None,
     return models, order, allow
 
 
-def plan(catalogue: Catalogue, entry: ModelEntry, body: dict[str, Any]) -> list[Candidate]:
-    """Every candidate for this request, in the order they will be tried."""
+def plan(
+    catalogue: Catalogue, entry: ModelEntry, body: dict[str, Any], kind: str = "chat"
+) -> list[Candidate]:
+    """Every candidate for this request, in the order they will be tried; `kind` is the
+    API's (`chat` or `embedding`), which a fallback serves or, not in the catalogue
+    (`any`), may serve."""
     if (
         len(entry.deployments) == 1
         and not entry.fallbacks
@@ -119,7 +123,7 @@ def plan(catalogue: Catalogue, entry: ModelEntry, body: dict[str, Any]) -> list[
     names = [*models, *(entry.fallbacks if allow_fallbacks else ())]
     for name in names:
         fallback = catalogue.resolve(name)
-        if fallback not in entries and fallback.kind == entry.kind:
+        if fallback not in entries and fallback.kind in (kind, "any"):
             entries.append(fallback)
     candidates = []
     for model in entries:
@@ -158,6 +162,7 @@ async def run(
     """
     deadline = started + policy.deadline
     failures: dict[int, int] = {}  # candidate index -> failed attempts in this request
+    waits: dict[int, float | None] = {}  # candidate index -> the retry-after it last sent
     last: UpstreamError | None = None
     position, attempts = 0, 0
     while attempts <= policy.max_retries:
@@ -166,8 +171,10 @@ async def run(
             raise last or _all_cooling(candidates, health)
         candidate = candidates[index]
         if failures.get(index):
-            wait = policy.delay(failures[index], last.retry_after if last else None)
-            too_long = last is not None and (last.retry_after or 0) > policy.retry_after_cap
+            # Its own retry-after, not that of another candidate tried since.
+            retry_after = waits.get(index)
+            wait = policy.delay(failures[index], retry_after)
+            too_long = (retry_after or 0) > policy.retry_after_cap
             if too_long or time.monotonic() + wait >= deadline:
                 break  # the caller (or its SDK) is better placed to wait
             await asyncio.sleep(wait)
@@ -187,6 +194,7 @@ async def run(
                     continue
                 raise
             failures[index] = failures.get(index, 0) + 1
+            waits[index] = error.retry_after
             if not isinstance(error, UpstreamLimitError):  # our own limit: not its health
                 await health.failure(candidate.deployment.key)
             if time.monotonic() >= deadline:

@@ -14,6 +14,8 @@ DONE = b"data: [DONE]\n\n"
 
 
 def frame(payload: bytes) -> bytes:
+    if b"\n" in payload:  # an upstream event of several `data:` lines: each line its own
+        payload = payload.replace(b"\n", b"\ndata: ")
     return b"data: " + payload + b"\n\n"
 
 

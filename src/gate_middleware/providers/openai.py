@@ -47,6 +47,8 @@ class OpenAICompatible:
         self._headers = {"content-type": "application/json", **(headers or {})}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
+        # Never relayed to a caller, should the upstream quote it in an error.
+        self._secret = api_key.encode() if api_key else None
         self._read_timeout = read_timeout
         self._stream_timeout = stream_timeout
         self._stream_usage = stream_usage
@@ -70,7 +72,7 @@ class OpenAICompatible:
         response = await self._transport.send(
             "POST", url, self._headers, _json.dumps(body), read_timeout=self._read_timeout
         )
-        return await _whole(response)
+        return await _whole(response, self._secret)
 
     # Plain functions returning the coroutine: one await level less on every suspension.
     def chat(self, body: dict[str, Any]) -> Coroutine[Any, Any, Reply]:
@@ -83,7 +85,7 @@ class OpenAICompatible:
         response = await self._transport.send(
             "GET", f"{self.base_url}/models", self._headers, None, read_timeout=self._read_timeout
         )
-        data = (await _whole(response)).data.get("data")
+        data = (await _whole(response, self._secret)).data.get("data")
         return data if isinstance(data, list) else []
 
     async def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
@@ -99,7 +101,8 @@ class OpenAICompatible:
         )
         try:
             if response.status != 200:
-                raise upstream_error(response.status, await response.read(), response.headers)
+                raw = await response.read()
+                raise upstream_error(response.status, raw, response.headers, self._secret)
             async for batch in iter_sse_data(response.iter_chunks()):
                 if batch[-1] == b"[DONE]":
                     if len(batch) > 1:
@@ -115,10 +118,10 @@ class OpenAICompatible:
             await response.aclose()
 
 
-async def _whole(response: TransportResponse) -> Reply:
+async def _whole(response: TransportResponse, secret: bytes | None) -> Reply:
     raw = await response.read()
     if response.status != 200:
-        raise upstream_error(response.status, raw, response.headers)
+        raise upstream_error(response.status, raw, response.headers, secret)
     try:
         data = _json.loads(raw)
     except ValueError:
@@ -148,8 +151,13 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return min(max(seconds, 0.0), _MAX_WAIT)
 
 
-def upstream_error(status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
-    """Turn a vendor's error answer (OpenAI, Anthropic, FastAPI-style or text) into ours."""
+def upstream_error(
+    status: int, raw: bytes, headers: Mapping[str, str], secret: bytes | None = None
+) -> UpstreamError:
+    """Turn a vendor's error answer (OpenAI, Anthropic, FastAPI-style or text) into ours;
+    `secret` (the gateway's own key for that upstream) is masked wherever it is quoted."""
+    if secret and secret in raw:
+        raw = raw.replace(secret, b"***")
     message, type_, code, param = f"The upstream answered {status}.", None, None, None
     try:
         payload = _json.loads(raw)

@@ -141,6 +141,7 @@ class SQLiteStorage:
 
     async def open(self) -> None:
         if self._conn is None:
+            self._process_lock = asyncio.Lock()  # opened again, perhaps on another loop
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._conn = await anyio.to_thread.run_sync(connect, self.path)
