@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from types import ModuleType
@@ -326,3 +327,27 @@ def test_sdk_and_stream_calls_work_when_admitted() -> None:
             assert response.status_code == 200 and response.json()["text"]
         streamed = client.post("/ai/stream", headers=AUTH)
     assert streamed.status_code == 200 and len(streamed.text.split()) == 16
+
+
+async def test_a_guarded_routes_calls_ride_on_its_own_slot(upstream: FakeUpstream) -> None:
+    """With one request in flight allowed, a guarded route's own model call found the
+    slot taken by the route's request: every such route answered 429."""
+    from .conftest import make_gateway
+
+    gateway = make_gateway(upstream, rate_limits={"key": {"concurrency": 1}})
+    app = hello_app(gateway)
+    async with (
+        gateway,
+        httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=app),
+            base_url="http://host",
+            headers={"authorization": f"Bearer {KEY}"},
+        ) as http,
+    ):
+        assert (await http.post("/ai/hello")).status_code == 200
+        upstream.latency = 0.2
+        both = await asyncio.gather(http.post("/ai/one"), http.post("/ai/two"))
+        # The second route request waits for no slot: it is refused, as any would be.
+        assert sorted(r.status_code for r in both) == [200, 429]
+        upstream.latency = 0.0
+        assert (await http.post("/ai/again")).status_code == 200  # nothing left taken

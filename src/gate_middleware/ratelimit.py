@@ -109,6 +109,8 @@ class RateLimitGuard:
 
     async def admit(self, record: RequestRecord) -> None:
         plan, slot, single = self._plans.request(record.principal, record.model)
+        if record.parent_id is not None:
+            slot = None  # a guarded host route's call: the route's request holds the slot
         if (not plan and slot is None) or (self._down and self._skip_storage()):
             return
         charge = _Charge(self._estimate(record), [], None, [])
