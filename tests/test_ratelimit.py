@@ -345,7 +345,7 @@ async def test_requests_in_flight_per_key(store: dict[str, str], upstream: FakeU
 @pytest.mark.parametrize(
     ("strategy", "fails"),
     [
-        ("fixed-window", "get_expiry"),
+        ("fixed-window", "expiry"),  # the store's own reading of a window's end
         ("moving-window", "acquire_entry"),
         ("sliding-window-counter", "acquire_sliding_window_entry"),
     ],
@@ -364,7 +364,8 @@ async def test_a_storage_failure_after_the_slot_is_taken_frees_it(
 
     key = {"requests": "100/minute", "concurrency": 1}
     async with limited(upstream, **store, strategy=strategy, key=key) as (gateway, client):
-        storage = gateway.rate_limiter._store_().storage
+        store_ = gateway.rate_limiter._store_()
+        storage = store_ if fails == "expiry" else store_.storage
 
         async def times_out(*args: Any, **kwargs: Any) -> Any:
             monkeypatch.undo()
@@ -380,7 +381,7 @@ async def test_a_storage_failure_after_the_slot_is_taken_frees_it(
 @pytest.mark.parametrize(
     ("strategy", "hangs"),
     [
-        ("fixed-window", "get_expiry"),
+        ("fixed-window", "expiry"),  # the store's own reading of a window's end
         ("moving-window", "acquire_entry"),
         ("sliding-window-counter", "acquire_sliding_window_entry"),
     ],
@@ -397,7 +398,8 @@ async def test_a_request_cancelled_after_its_slot_is_taken_frees_it(
     back at once, not when its lease ends (in memory: never)."""
     key = {"requests": "100/minute", "concurrency": 1}
     async with limited(upstream, **store, strategy=strategy, key=key) as (gateway, client):
-        storage = gateway.rate_limiter._store_().storage
+        store_ = gateway.rate_limiter._store_()
+        storage = store_ if hangs == "expiry" else store_.storage
         reached = asyncio.Event()
 
         async def hangs_once(*args: Any, **kwargs: Any) -> Any:
@@ -586,6 +588,30 @@ async def test_accounts_from_the_database_share_their_limits(
             refused = await top.post("/v1/chat/completions", json=CHAT)
             assert refused.status_code == 429
             assert f"account {parent}" in refused.json()["error"]["message"]
+
+
+async def test_requests_refused_by_their_key_leave_a_per_second_limit_alone(
+    store: dict[str, str], upstream: FakeUpstream
+) -> None:
+    """A request refused by its key's limit gives back what it took of the others. A
+    window ending within a second took nothing back (Redis's TTL is in whole seconds,
+    and that slack applied in memory too): one key's refused retries filled the
+    gateway's per-second limit, and the next key was refused by it."""
+    other = "sk-other-0123456789abcdef"
+    gateway = make_gateway(
+        upstream,
+        api_keys=[KEY, other],
+        rate_limits={**store, "key": {"requests": "1/minute"}, "gateway": {"requests": "5/second"}},
+    )
+    async with gateway, client_for(gateway) as eager, client_for(gateway, other) as patient:
+        while time.time() % 1 > 0.3:  # early in a second, so that all fit in it
+            await asyncio.sleep(0.01)
+        statuses = [(await eager.post("/v1/chat/completions", json=CHAT)).status_code]
+        for _ in range(8):
+            statuses.append((await eager.post("/v1/chat/completions", json=CHAT)).status_code)
+        answer = await patient.post("/v1/chat/completions", json=CHAT)
+    assert statuses == [200] + [429] * 8
+    assert answer.status_code == 200, answer.text
 
 
 def two_upstreams(upstream: FakeUpstream, **settings: Any) -> Gateway:

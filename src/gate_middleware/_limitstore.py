@@ -114,6 +114,10 @@ def check_uri(uri: str) -> None:
 class MemoryStore:
     """This process only: the `limits` memory storage and a dict of in-flight counts."""
 
+    # How long before a window's end a give-back is no longer sent (it could reach the
+    # next window): here none, nothing waits between the check and the counter.
+    slack = 0.0
+
     def __init__(self) -> None:
         self.storage: Storage = storage_from_string("async+memory://")  # type: ignore[assignment]
         _sweep_at_most_every(self.storage, _SWEEP_EVERY)
@@ -157,12 +161,18 @@ class MemoryStore:
     async def count(self, key: str) -> int:
         return self._in_flight.get(key, 0)
 
+    async def expiry(self, key: str) -> float:
+        """When the counter `key` ends (now, if it has none): to the microsecond."""
+        return await self.storage.get_expiry(key)
+
     async def aclose(self) -> None:
         pass
 
 
 class RedisStore:
     """Shared by every process on the same Redis, through one connection pool."""
+
+    slack = 0.25  # a pipeline's wait behind another, and its round trip (see MemoryStore)
 
     def __init__(self, uri: str, *, key_prefix: str, timeout: float, lease: float) -> None:
         import redis.asyncio as redis
@@ -264,6 +274,16 @@ class RedisStore:
             return int(await self._count([self._prefix + key]))
         except self._errors as exc:
             raise StorageError(exc) from exc
+
+    async def expiry(self, key: str) -> float:
+        """When the counter `key` ends, to the millisecond (`limits`' own reading is
+        Redis's TTL, in whole seconds: a second window would have no time left to
+        take anything back)."""
+        try:
+            left = await self._client.pttl(f"{self._key_prefix}:{key}")
+        except self._errors as exc:
+            raise StorageError(exc) from exc
+        return time.time() + max(int(left), 0) / 1000
 
     async def aclose(self) -> None:
         await self._batch.aclose()

@@ -54,7 +54,6 @@ __all__ = [
 
 logger = logging.getLogger("gate_middleware.ratelimit")
 
-_TTL_SLACK = 1.0  # Redis tells a key's expiry in whole seconds, rounded
 _DEFER = 0.05  # seconds what a request gives back may wait for the next storage call
 _MAX_ENDS = 100_000  # window ends kept; cleared when full
 
@@ -135,6 +134,7 @@ class FixedWindows:
         self._storage = store.storage
         # In this process alone: no round trip to share, so no list of counts to build.
         self._here = store if isinstance(store, MemoryStore) else None
+        self._slack = store.slack
         self._ends: dict[str, float] = {}
         # Give-backs waiting to be sent, per counter: (limit, amount, its window's end).
         self._owed: dict[str, tuple[Limit, int, float]] = {}
@@ -153,7 +153,7 @@ class FixedWindows:
             now = time.time()
             for limit, cost in charges:
                 held = owed.pop(limit.key, None)
-                if held is not None and held[2] - _TTL_SLACK > now:
+                if held is not None and held[2] - self._slack > now:
                     cost += held[1]
                 counts.append((limit.key, limit.expiry, cost))
             if owed:
@@ -166,7 +166,7 @@ class FixedWindows:
             taken: list[Taken] = []
             for (limit, _), total in zip(charges, totals):
                 end = self._ends.get(limit.key, 0.0)
-                if end - _TTL_SLACK <= now:
+                if end - self._slack <= now:
                     end = await self._end(limit)
                 taken.append((total <= limit.amount, limit.amount - total, end))
         except BaseException:
@@ -178,7 +178,7 @@ class FixedWindows:
             back = [
                 (limit.key, limit.expiry, -cost)
                 for (limit, cost), (_, _, end) in zip(charges, taken)
-                if end is not None and end - _TTL_SLACK > now
+                if end is not None and end - self._slack > now
             ]
             if back:
                 await self._store.apply(back)
@@ -201,13 +201,13 @@ class FixedWindows:
             now = time.time()
             for limit, cost in charges:
                 key = limit.key
-                if owed:
+                if owed:  # no slack here (MemoryStore.slack)
                     held = owed.pop(key, None)
-                    if held is not None and held[2] - _TTL_SLACK > now:
+                    if held is not None and held[2] > now:
                         cost += held[1]
                 total = await incr(key, limit.expiry, amount=cost)
                 end = ends.get(key, 0.0)
-                if end - _TTL_SLACK <= now:
+                if end <= now:
                     end = await self._end(limit)
                 taken.append((total <= limit.amount, limit.amount - total, end))
         except BaseException:
@@ -222,7 +222,7 @@ class FixedWindows:
         for limit, amount, end in changes:
             if amount > 0:
                 counts.append((limit.key, limit.expiry, amount))
-            elif end is not None and end - _TTL_SLACK > now:
+            elif end is not None and end - self._slack > now:
                 # The window that counted the charge is open (a fixed window's counter
                 # is that window until it ends): it takes the amount back. Once it is
                 # gone, or about to go, nothing is returned, least of all to the next.
@@ -255,7 +255,7 @@ class FixedWindows:
         return {
             key: (key, limit.expiry, amount)
             for key, (limit, amount, end) in owed.items()
-            if end - _TTL_SLACK > now
+            if end - self._slack > now
         }
 
     def _flush_soon(self) -> None:
@@ -289,8 +289,8 @@ class FixedWindows:
 
     async def _end(self, limit: Limit) -> float:
         end = self._ends.get(limit.key, 0.0)
-        if end - _TTL_SLACK <= time.time():
-            end = await self._storage.get_expiry(limit.key)
+        if end - self._slack <= time.time():
+            end = await self._store.expiry(limit.key)
             if len(self._ends) >= _MAX_ENDS:
                 self._ends.clear()
             self._ends[limit.key] = end
