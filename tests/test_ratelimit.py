@@ -342,6 +342,38 @@ async def test_requests_in_flight_per_key(store: dict[str, str], upstream: FakeU
         assert await remaining(client, "key", "requests") == 1000 - 3
 
 
+async def test_a_slot_whose_freeing_met_an_outage_is_freed_once_redis_answers(
+    redis_store: dict[str, str], upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis blinks while a request ends: its slot's freeing fails, and it was held for
+    the lease's 15 minutes, so a key allowed one request in flight got 429 for all that
+    time. It is freed with the first storage call that succeeds."""
+    from limits.errors import StorageError
+
+    key = {"requests": "100/minute", "concurrency": 1}
+    async with limited(upstream, **redis_store, key=key) as (gateway, client):
+        store_ = gateway.rate_limiter._store_()
+        real = store_.apply
+        upstream.latency = 0.2
+        call = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        while not upstream.requests:  # admitted, its slot taken
+            await asyncio.sleep(0.01)
+
+        async def blinks(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.undo()
+            raise StorageError(ConnectionError("Connection reset by peer"))
+
+        monkeypatch.setattr(store_, "apply", blinks)
+        assert (await call).status_code == 200
+        upstream.latency = 0.0
+        assert store_.apply == real  # the blink happened, at the slot's freeing
+        await asyncio.sleep(1.1)  # the guard waits a second before it asks Redis again
+        for _ in range(3):
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        status = (await client.get("/v1/ratelimits")).json()["concurrency"]
+        assert status == {"limit": 1, "in_flight": 0}
+
+
 @pytest.mark.parametrize(
     ("strategy", "fails"),
     [

@@ -54,6 +54,7 @@ logger = logging.getLogger("gate_middleware.ratelimit")
 
 _CHARGE = "gate.ratelimit"
 _RETRY_STORAGE = 1.0  # seconds between attempts while the storage is down
+_MAX_UNFREED = 10_000  # slots to free once the storage answers; beyond, their leases end
 
 
 # A limit charged: the limit, the amount, and the end of the window that counted it
@@ -85,6 +86,7 @@ class RateLimitGuard:
         self._windows: Windows | None = None
         self._down = False
         self._retry_at = 0.0
+        self._unfreed: list[tuple[str, str]] = []  # see `_unfree`
 
     # Lifecycle ---------------------------------------------------------------------
 
@@ -116,6 +118,8 @@ class RateLimitGuard:
         charge = _Charge(self._estimate(record), [], None, [])
         windows = self._windows
         assert windows is not None, "the gateway's lifespan opens the limit storage"
+        if self._unfreed:  # before this request's take, which may want one of them
+            await self._free_unfreed()
         try:
             charges = _charges(plan, charge.tokens, whole=True)
             token, taken = await windows.take(charges, slot)
@@ -166,7 +170,11 @@ class RateLimitGuard:
 
     async def settle(self, record: RequestRecord) -> None:
         charge: _Charge | None = record.extra.pop(_CHARGE, None)
-        if charge is None or (self._down and self._skip_storage(refuse=False)):
+        if charge is None:
+            return
+        slot = charge.slot
+        if self._down and self._skip_storage(refuse=False):
+            self._unfree(slot)
             return
         try:
             if record.status == 0:  # refused before the call: nothing was used
@@ -179,11 +187,26 @@ class RateLimitGuard:
                 for number, taken in enumerate(charge.attempts, 1):
                     # Only the last attempt can have answered; the others made nothing.
                     changes += _corrections(taken, used if number == last else 0)
-            slot, charge.slot = charge.slot, None
+            charge.slot = None
             if changes or slot is not None:
                 await self._windows_().adjust(changes, slot)
         except StorageError as exc:
+            self._unfree(slot)
             self._failed(exc, refuse=False)
+
+    def _unfree(self, slot: tuple[str, str] | None) -> None:
+        """A slot whose freeing did not reach the storage (out of reach): freed once it
+        answers again (freeing twice is harmless), not held until its lease ends."""
+        if slot is not None and len(self._unfreed) < _MAX_UNFREED:
+            self._unfreed.append(slot)
+
+    async def _free_unfreed(self) -> None:
+        frees, self._unfreed = self._unfreed, []
+        if frees:
+            try:
+                await self._store_().apply((), free=frees)
+            except StorageError:
+                self._unfreed[:0] = frees  # the next time it answers
 
     async def tell(self, record: RequestRecord) -> None:
         """OpenAI's headers for a request refused before admission (a bad body, an
