@@ -317,6 +317,15 @@ async def test_a_failing_deployment_cools_down_and_recovers(
         # The trial succeeds: a is healthy again.
         assert (await post(gateway, order)).headers["x-gate-provider"] == "a"
         assert (await post(gateway, order)).headers["x-gate-provider"] == "a"
+        # Cooled again; its trial is refused for the caller's own fault (a 400): a
+        # answered, so it is healthy (it was skipped for one more cooldown).
+        a.schedule(Fault(status=503), Fault(status=503))
+        for _ in range(2):
+            assert (await post(gateway, order)).status_code == 503
+        await asyncio.sleep(0.6)
+        a.schedule(Fault(status=400))
+        assert (await post(gateway, order)).status_code == 400
+        assert (await post(gateway, order)).headers["x-gate-provider"] == "a"
 
 
 @pytest.mark.parametrize("storage", ["memory", "redis"])

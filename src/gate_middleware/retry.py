@@ -184,6 +184,10 @@ async def run(
         except UpstreamError as error:
             last = error
             if not error.retryable:
+                # The request was at fault (a 400, a 404): the deployment answered, so
+                # it is alive, which ends a half-open trial as a success would.
+                if error.status < 500 and error.code != "upstream_auth_error":
+                    await health.success(candidate.deployment.key)
                 fallback = candidate.entry.context_fallback
                 if fallback and _context_too_long(error):
                     longer = catalogue.resolve(fallback)
