@@ -178,6 +178,17 @@ async def test_nul_in_models_is_400(
     assert len(upstream.requests) == 0
 
 
+async def test_an_unknown_fallback_in_models_names_that_param(
+    http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    body = {"model": "openai/gpt-4.1", "models": ["acme/nothing"], "messages": MESSAGES}
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("models", "model_not_found")
+    assert len(upstream.requests) == 0
+
+
 @pytest.mark.parametrize("field", ["model", "models"])
 async def test_a_model_name_too_long_is_400_and_no_ledger_bloat(
     upstream: FakeUpstream, field: str

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
-from .errors import InvalidRequestError, UpstreamError, UpstreamLimitError
+from .errors import InvalidRequestError, NotFoundError, UpstreamError, UpstreamLimitError
 from .health import HealthStore
 from .routing import Catalogue, Deployment, ModelEntry
 
@@ -121,8 +121,13 @@ def plan(
     models, order, allow_fallbacks = _routing_options(body)
     entries = [entry]
     names = [*models, *(entry.fallbacks if allow_fallbacks else ())]
-    for name in names:
-        fallback = catalogue.resolve(name)
+    for n, name in enumerate(names):
+        try:
+            fallback = catalogue.resolve(name)
+        except NotFoundError as exc:
+            if n < len(models):
+                exc.param = "models"  # the request's own list named it
+            raise
         if fallback not in entries and fallback.kind in (kind, "any"):
             entries.append(fallback)
     candidates = []
