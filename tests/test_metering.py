@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from decimal import Decimal
 
 import httpx2
@@ -208,7 +209,9 @@ async def test_disabling_a_key_elsewhere_takes_effect_within_the_cache_bound(
 async def test_a_key_is_looked_up_once_however_many_requests_wait(
     upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gateway = make_billing_gateway(upstream, "memory://", key_cache_seconds=0.5)
+    # Times from the first lookup, with margins of a quarter second or more: a busy
+    # machine (the suite on two cores) made relative sleeps cross a window's edge.
+    gateway = make_billing_gateway(upstream, "memory://", key_cache_seconds=3.0)
     async with gateway:
         _, secret = await fund(gateway, "1")
         assert gateway.accounting is not None
@@ -222,16 +225,21 @@ async def test_a_key_is_looked_up_once_however_many_requests_wait(
             await asyncio.sleep(0.05)  # a database busy with the ledger
             return await original(digest)
 
+        async def until(moment: float) -> None:
+            await asyncio.sleep(max(moment - time.monotonic(), 0))
+
         monkeypatch.setattr(storage, "key_by_digest", counted)
         client = sdk(mounted(gateway), key=secret)
+        start = time.monotonic()
         await asyncio.gather(*(client.models.list() for _ in range(32)))
         assert lookups == 1
-        # Near the end of its cache time a key in use is looked up in the background.
-        await asyncio.sleep(0.45)
+        # Its entry ends about 3 s after `start`; in its last 0.6 s a key in use is
+        # looked up again, in the background.
+        await until(start + 2.7)
         await client.models.list()
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)
         assert lookups == 2
-        await asyncio.sleep(0.3)  # past the first entry's end: the refreshed one serves
+        await until(start + 3.5)  # past the first entry's end: the refreshed one serves
         await asyncio.gather(*(client.models.list() for _ in range(8)))
         assert lookups == 2
 
