@@ -32,7 +32,7 @@ from .errors import (
     ConfigurationError,
     GateError,
     NotFoundError,
-    ServiceUnavailableError,
+    database_unavailable,
     error_response,
     out_of_reach,
 )
@@ -327,7 +327,7 @@ class Gateway(Starlette):
         if isinstance(exc, asyncio.CancelledError):
             error = GateError("The request was cancelled.", status=499, code="cancelled")
         elif out_of_reach(exc):
-            error = ServiceUnavailableError("The gateway's database is out of reach right now.")
+            error = database_unavailable()
         else:
             error = GateError("The gateway failed to handle the request.", code="internal_error")
         with anyio.CancelScope(shield=True):

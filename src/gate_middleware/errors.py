@@ -218,14 +218,19 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     if out_of_reach(exc):
         # The database, not the request: a 503 tells clients and SDKs to try again.
         logger.error("The database is out of reach (request %s): %r", request_id, exc)
-        error: GateError = ServiceUnavailableError(
-            "The gateway's database is out of reach right now. Please try again shortly."
-        )
+        error: GateError = database_unavailable()
     else:
         # The traceback goes to the log; the client gets no trace of it.
         logger.error("Unexpected error (request %s).", request_id, exc_info=exc)
         error = GateError("The gateway failed to handle the request.", code="internal_error")
     return error_response(error, request_id)
+
+
+def database_unavailable() -> ServiceUnavailableError:
+    """The answer when `out_of_reach` holds."""
+    return ServiceUnavailableError(
+        "The gateway's database is out of reach right now. Please try again shortly."
+    )
 
 
 def out_of_reach(exc: BaseException) -> bool:
