@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .accounts import AccountKeys, Accounts, model_allowed
 from .auth import Principal, StaticKeys
 from .errors import GateError, InvalidRequestError, PermissionDeniedError
-from .metering import LedgerWriter, Spends, ledger_rows, request_cost
+from .metering import LedgerWriter, ledger_rows, request_cost
 from .pricing import Price, Rates, level_costs, level_rates, nanos_from_usd, price_of
 from .quota import LeaseBook, Purse
 from .record import RequestRecord
@@ -31,8 +31,6 @@ logger = logging.getLogger("gate_middleware")
 
 _MAX_CACHED = 10_000  # payers and models; cleared when full
 _HELD = "gate.held"  # record.extra: (payer, amounts held)
-_COSTS = "gate.costs"  # record.extra: what each level was charged
-_SPENDS = "gate.spends"  # record.extra: its balance changes, queued with its rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +40,7 @@ class _Payer:
     principal: Principal
     rates: Rates
     purses: tuple[Purse, ...]  # every account's, root first, then the key's if limited
+    key_purse: bool  # whether the last purse is the key's own
     accounts: tuple[tuple[Target, str, None], ...]  # spends without a quota
     usage: tuple[Target, str, None] | None  # the key's spend, when its purse held nothing
 
@@ -144,6 +143,7 @@ class Accounting:
                 principal,
                 level_rates(principal),
                 tuple(purses),
+                len(purses) > len(principal.chain),
                 tuple(("account", level.account_id, None) for level in principal.chain),
                 ("key", principal.key_id, None) if principal.key_id else None,
             )
@@ -200,16 +200,20 @@ class Accounting:
                 code="model_not_priced",
             )
         candidates = record.candidates
-        if len(candidates) > 1 or (candidates and candidates[0].entry.id != model.id):
+        # Fallbacks (the request's own `models`, or the catalogue's): only those this
+        # key may be answered by, and the hold covers the dearest of them.
+        mixed = len(candidates) > 1 or (candidates and candidates[0].entry.id != model.id)
+        if mixed:
             candidates = record.candidates = self._servable(principal, candidates)
         for candidate in candidates:
             if candidate.entry.context_fallback is not None:
                 candidates = record.candidates = self._long_prompts(principal, candidates)
+                mixed = True
                 break
         if book is None:
             return
         hold_prices = model.hold_prices
-        if len(candidates) > 1 or (candidates and candidates[0].entry.id != model.id):
+        if mixed:
             hold_prices = tuple(self._prices_of({c.entry.id: c.entry for c in candidates}.values()))
         if not hold_prices:
             return
@@ -225,7 +229,7 @@ class Accounting:
             if cost > base:
                 base = cost
         most = level_costs(base, payer.rates)
-        if len(payer.purses) > len(most):
+        if payer.key_purse:
             most.append(most[-1])  # the key's own spend limit
         await book.hold(payer.purses, most)
         record.extra[_HELD] = (payer, most)
@@ -290,43 +294,44 @@ class Accounting:
         return kept
 
     async def settle(self, record: RequestRecord) -> None:
-        principal = record.principal
-        if not principal.chain:
-            return
-        held: tuple[_Payer, list[int]] | None = record.extra.pop(_HELD, None)
-        payer = held[0] if held is not None else self._payer(principal)
-        prices, model_id = self._prices, record.model_id  # the model that answered
-        price = prices[model_id] if model_id in prices else self.price(model_id)
-        costs = request_cost(record, price, payer.rates)
-        record.extra[_COSTS] = costs
-        # Queued with the ledger rows, by the record hook: a batch's spends then always
-        # travel with rows, whose first one tells whether a failed batch was committed.
-        spends: Spends = {}
-        record.extra[_SPENDS] = spends
-        key_held = False
-        if held is not None and self.book is not None:
-            amounts = held[1]
-            key_held = len(amounts) > len(costs)
-            costs_held = [*costs, costs[-1]] if key_held else costs
-            self.book.settle(payer.purses, amounts, costs_held, spends)
-        else:
-            for account, cost in zip(payer.accounts, costs):
-                if cost:
-                    spends[account] = spends.get(account, 0) + cost
-        usage, cost = payer.usage, costs[-1]
-        if usage is not None and cost and not key_held:
-            spends[usage] = spends.get(usage, 0) + cost  # the key's usage
+        """Nothing here: the hold is settled in `record`, with the request's rows."""
 
     # Record hook -------------------------------------------------------------------
 
     def record(self, record: RequestRecord) -> None:
+        """Settle the hold to the real cost and queue the ledger rows with the balance
+        changes, in one step with no await: a batch's spends then always travel with
+        rows, whose first one tells whether a failed batch was committed. Runs for every
+        request, admitted or not, after every guard has settled."""
+        held: tuple[_Payer, list[int]] | None = record.extra.pop(_HELD, None)
         if record.endpoint == "route":
-            return  # a host route's own request: its model calls carry its route and id
-        costs = record.extra.get(_COSTS)
-        if costs is None:
-            price = self.price(record.model_id) if record.model_id else None
-            costs = request_cost(record, price, level_rates(record.principal))
+            # A host route's own request: its model calls carry its route and id; its
+            # hold (the least amount) goes back.
+            if held is not None and self.book is not None:
+                self.book.settle(held[0].purses, held[1], [0] * len(held[1]), {})
+            return
+        principal = record.principal
+        model_id = record.model_id  # the model that answered
+        prices = self._prices
+        price = prices[model_id] if model_id in prices else self.price(model_id)
+        if not principal.chain:
+            costs = request_cost(record, price, ())
+            self.writer.add(ledger_rows(record, costs, time.time()))
+            return
+        payer = held[0] if held is not None else self._payer(principal)
+        costs = request_cost(record, price, payer.rates)
+        spends = self.writer.spends
+        if held is not None and self.book is not None:
+            self.book.settle(
+                payer.purses, held[1], [*costs, costs[-1]] if payer.key_purse else costs, spends
+            )
+            usage = None if payer.key_purse else payer.usage  # the key's purse counts it
+        else:
+            for account, cost in zip(payer.accounts, costs):
+                if cost:
+                    spends[account] = spends.get(account, 0) + cost
+            usage = payer.usage
+        cost = costs[-1]
+        if usage is not None and cost:
+            spends[usage] = spends.get(usage, 0) + cost  # the key's usage
         self.writer.add(ledger_rows(record, costs, time.time()))
-        spends = record.extra.pop(_SPENDS, None)
-        if spends:
-            self.writer.merge(spends)
