@@ -247,6 +247,37 @@ async def test_host_route_calls_are_charged_to_the_callers_account(
     assert stored is not None and 0 < stored.spent <= stored.credits
 
 
+async def test_a_host_routes_own_hold_goes_back_when_it_ends(upstream: FakeUpstream) -> None:
+    """A guarded route holds the least amount of its caller's balance while it runs
+    and gives it back at its end: with 3 nanodollars, any number of routes that call
+    no model pass one after another, and nothing stays held."""
+    from .conftest import fund, make_billing_gateway
+
+    gateway = make_billing_gateway(upstream, "memory://")
+    app = FastAPI()
+    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
+
+    @app.post("/ai/plain")
+    async def plain() -> dict[str, bool]:
+        return {"ok": True}
+
+    async with gateway:
+        account, key = await fund(gateway, "0.000000003")
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=app), base_url="http://host"
+        ) as http:
+            statuses = [
+                (
+                    await http.post("/ai/plain", headers={"authorization": f"Bearer {key}"})
+                ).status_code
+                for _ in range(10)
+            ]
+        assert gateway.accounting is not None and gateway.accounting.book is not None
+        purse = gateway.accounting.book.purse("account", account)
+    assert statuses == [200] * 10
+    assert purse.held == 0
+
+
 async def test_a_host_route_path_with_a_nul_is_400(upstream: FakeUpstream) -> None:
     """A path with "%00" (servers decode it) named the route on every ledger row of the
     request's model calls: PostgreSQL refused those rows, so they were charged but never
