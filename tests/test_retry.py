@@ -208,6 +208,27 @@ async def test_max_retries_per_request_and_per_model(a: FakeUpstream, b: FakeUps
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-gate-max-retries"
 
 
+async def test_a_stream_with_nothing_but_its_end_is_tried_again(
+    a: FakeUpstream, b: FakeUpstream
+) -> None:
+    """An upstream answering 200 with only `data: [DONE]`: nothing reached the client,
+    so another attempt answers; with none left, a 502 the client can tell apart."""
+    gateway = build(
+        a, b, models={"house/solo": {"deployments": [{"provider": "a"}], "max_retries": 0}}
+    )
+    async with gateway:
+        a.schedule(Fault(empty=True))
+        retried = await post(
+            gateway, {"model": "house/solo", "stream": True}, {"x-gate-max-retries": "1"}
+        )
+        a.schedule(Fault(empty=True))
+        alone = await post(gateway, {"model": "house/solo", "stream": True})
+    assert retried.status_code == 200 and retried.headers["x-gate-attempts"] == "2"
+    assert '"content"' in retried.text and retried.text.endswith("data: [DONE]\n\n")
+    assert alone.status_code == 502
+    assert alone.json()["error"]["code"] == "upstream_empty_stream"
+
+
 async def test_deployments_fall_back_in_provider_order(
     gateway: Gateway, a: FakeUpstream, b: FakeUpstream
 ) -> None:

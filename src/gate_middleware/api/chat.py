@@ -76,7 +76,7 @@ class ChatAPI(Endpoint):
     def _stream(
         self,
         body: dict[str, Any],
-        opened: Outcome[tuple[AsyncIterator[list[bytes]], list[bytes] | None]],
+        opened: Outcome[tuple[AsyncIterator[list[bytes]], list[bytes]]],
         record: RequestRecord,
     ) -> EventStreamResponse:
         chunks, first = opened.value
@@ -114,17 +114,16 @@ class ChatAPI(Endpoint):
             disconnected = True  # until the stream ends by itself
             try:
                 try:
-                    if first is not None:
-                        out, error = relay(first)
-                        if out:
-                            yield out
-                        if error is None:
-                            async for batch in chunks:
-                                out, error = relay(batch)
-                                if out:
-                                    yield out
-                                if error is not None:
-                                    break
+                    out, error = relay(first)
+                    if out:
+                        yield out
+                    if error is None:
+                        async for batch in chunks:
+                            out, error = relay(batch)
+                            if out:
+                                yield out
+                            if error is not None:
+                                break
                 except UpstreamError as exc:
                     error = exc
                 except Exception:
@@ -159,7 +158,7 @@ def _whole(candidate: Candidate, body: dict[str, Any]) -> Awaitable[Reply]:
 
 async def _open_stream(
     candidate: Candidate, body: dict[str, Any]
-) -> tuple[AsyncIterator[list[bytes]], list[bytes] | None]:
+) -> tuple[AsyncIterator[list[bytes]], list[bytes]]:
     """Open the stream and wait for its first batch: until then a failure can still be
     retried elsewhere, or answered with its own status."""
     chunks = candidate.deployment.provider.stream_chat(body)
@@ -169,7 +168,13 @@ async def _open_stream(
             raise _malformed()  # nothing reached the client yet: still retryable
         return chunks, first
     except StopAsyncIteration:
-        return chunks, None
+        # An answer with no chunk at all: no client could use it, and nothing reached
+        # the client yet, so another attempt is tried (and the upstream counts a failure).
+        raise UpstreamError(
+            "The upstream ended the stream without sending anything.",
+            status=502,
+            code="upstream_empty_stream",
+        ) from None
     except BaseException:
         await _close(chunks)
         raise

@@ -38,6 +38,7 @@ class Fault:
     drop: "before" drops the connection before any body byte; "mid" drops a stream
         (or a whole body) after `after_chunks` chunks.
     malformed: answer 200 with a body (or a stream event) that is not JSON.
+    empty: answer a stream with nothing but its end (`data: [DONE]`).
     """
 
     status: int | None = None
@@ -47,6 +48,7 @@ class Fault:
     drop: str | None = None
     after_chunks: int = 2
     malformed: bool = False
+    empty: bool = False
     message: str | None = None
 
     @classmethod
@@ -219,7 +221,8 @@ class FakeUpstream:
         await _start(send, 200, [(b"content-type", b"text/event-stream")])
         if fault and fault.drop == "before":
             raise UpstreamDropped("fake upstream dropped the connection")
-        for index, chunk in enumerate(fake_chunks(body)):
+        chunks = () if fault and fault.empty else fake_chunks(body)
+        for index, chunk in enumerate(chunks):
             if fault and index == fault.after_chunks:
                 if fault.drop == "mid":
                     # Half an event, then the connection goes: the worst case for a relay.
