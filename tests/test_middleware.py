@@ -382,3 +382,47 @@ async def test_a_guarded_routes_calls_ride_on_its_own_slot(upstream: FakeUpstrea
         assert sorted(r.status_code for r in both) == [200, 429]
         upstream.latency = 0.0
         assert (await http.post("/ai/again")).status_code == 200  # nothing left taken
+
+
+async def test_a_host_routes_hold_goes_back_when_a_later_guard_fails(
+    upstream: FakeUpstream,
+) -> None:
+    """A guard after the quota's that fails with no `GateError` (its backend out of
+    reach, a bug): the route answers 500 and never reaches its end, so its hold goes
+    back when the guards' admission is undone. With 3 nanodollars, three such failures
+    left the account unable to pass a route (402) with nothing spent."""
+    from .conftest import fund, make_billing_gateway
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.failures = 3
+
+        async def admit(self, record: RequestRecord) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("the team budget service is out of reach")
+
+        async def settle(self, record: RequestRecord) -> None:
+            pass
+
+    gateway = make_billing_gateway(upstream, "memory://")
+    gateway.guards.append(Flaky())
+    app = FastAPI()
+    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
+
+    @app.post("/ai/plain")
+    async def plain() -> dict[str, bool]:
+        return {"ok": True}
+
+    async with gateway:
+        account, key = await fund(gateway, "0.000000003")
+        transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://host") as http:
+            headers = {"authorization": f"Bearer {key}"}
+            statuses = [
+                (await http.post("/ai/plain", headers=headers)).status_code for _ in range(5)
+            ]
+        assert gateway.accounting is not None and gateway.accounting.book is not None
+        purse = gateway.accounting.book.purse("account", account)
+    assert statuses == [500, 500, 500, 200, 200]
+    assert purse.held == 0

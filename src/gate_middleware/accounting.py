@@ -294,7 +294,14 @@ class Accounting:
         return kept
 
     async def settle(self, record: RequestRecord) -> None:
-        """Nothing here: the hold is settled in `record`, with the request's rows."""
+        """The hold is settled in `record`, with the request's rows; but a request that a
+        later guard refused (`Gateway.admit`, status 0) gives its hold back here and now:
+        it used nothing, and its end (the record hook) may never come (GateMiddleware's
+        admission failing with no GateError, or cancelled)."""
+        if record.status == 0:
+            held: tuple[_Payer, list[int]] | None = record.extra.pop(_HELD, None)
+            if held is not None and self.book is not None:
+                self.book.settle(held[0].purses, held[1], [0] * len(held[1]), {})
 
     # Record hook -------------------------------------------------------------------
 
