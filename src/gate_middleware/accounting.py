@@ -299,9 +299,12 @@ class Accounting:
         it used nothing, and its end (the record hook) may never come (GateMiddleware's
         admission failing with no GateError, or cancelled)."""
         if record.status == 0:
-            held: tuple[_Payer, list[int]] | None = record.extra.pop(_HELD, None)
-            if held is not None and self.book is not None:
-                self.book.settle(held[0].purses, held[1], [0] * len(held[1]), {})
+            self._give_back(record.extra.pop(_HELD, None))
+
+    def _give_back(self, held: tuple[_Payer, list[int]] | None) -> None:
+        """Release a hold that spent nothing."""
+        if held is not None and self.book is not None:
+            self.book.settle(held[0].purses, held[1], [0] * len(held[1]), {})
 
     # Record hook -------------------------------------------------------------------
 
@@ -314,8 +317,7 @@ class Accounting:
         if record.endpoint == "route":
             # A host route's own request: its model calls carry its route and id; its
             # hold (the least amount) goes back.
-            if held is not None and self.book is not None:
-                self.book.settle(held[0].purses, held[1], [0] * len(held[1]), {})
+            self._give_back(held)
             return
         principal = record.principal
         model_id = record.model_id  # the model that answered
@@ -327,6 +329,7 @@ class Accounting:
             return
         payer = held[0] if held is not None else self._payer(principal)
         costs = request_cost(record, price, payer.rates)
+        rows = ledger_rows(record, costs, time.time())  # made first: spends never go alone
         spends = self.writer.spends
         if held is not None and self.book is not None:
             self.book.settle(
@@ -341,4 +344,4 @@ class Accounting:
         cost = costs[-1]
         if usage is not None and cost:
             spends[usage] = spends.get(usage, 0) + cost  # the key's usage
-        self.writer.add(ledger_rows(record, costs, time.time()))
+        self.writer.add(rows)

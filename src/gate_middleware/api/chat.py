@@ -170,6 +170,7 @@ async def _open_stream(
     except StopAsyncIteration:
         # An answer with no chunk at all: no client could use it, and nothing reached
         # the client yet, so another attempt is tried (and the upstream counts a failure).
+        await _close(chunks)
         raise UpstreamError(
             "The upstream ended the stream without sending anything.",
             status=502,
