@@ -71,6 +71,26 @@ def hello_app(gateway: Gateway) -> FastAPI:
     return app
 
 
+def plain_app(gateway: Gateway) -> FastAPI:
+    """A host app whose guarded route `/ai/plain` calls no model."""
+    app = FastAPI()
+    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
+
+    @app.post("/ai/plain")
+    async def plain() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+async def post_routes(app: FastAPI, key: str, path: str, times: int) -> list[httpx2.Response]:
+    """`times` POSTs to a host route, one after another, with `key`."""
+    transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://host") as http:
+        headers = {"authorization": f"Bearer {key}"}
+        return [await http.post(path, headers=headers) for _ in range(times)]
+
+
 async def test_unauthenticated_calls_are_refused(
     example: tuple[ModuleType, str, list[RequestRecord]],
 ) -> None:
@@ -220,16 +240,8 @@ async def test_host_route_calls_are_charged_to_the_callers_account(
     async with gateway:
         # Enough for a couple of calls of 16 completion tokens at 8 USD per million.
         account, key = await fund(gateway, "0.0004")
-        async with httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=app), base_url="http://host"
-        ) as http:
-            statuses = [
-                (
-                    await http.post("/ai/hello", headers={"authorization": f"Bearer {key}"})
-                ).status_code
-                for _ in range(6)
-            ]
-            refused = await http.post("/ai/hello", headers={"authorization": f"Bearer {key}"})
+        *answered, refused = await post_routes(app, key, "/ai/hello", 7)
+        statuses = [response.status_code for response in answered]
         assert gateway.accounting is not None
         await gateway.accounting.writer.flush()
         rows = await gateway.accounting.storage.rows(LedgerQuery(account_id=account))
@@ -254,24 +266,11 @@ async def test_a_host_routes_own_hold_goes_back_when_it_ends(upstream: FakeUpstr
     from .conftest import fund, make_billing_gateway
 
     gateway = make_billing_gateway(upstream, "memory://")
-    app = FastAPI()
-    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
-
-    @app.post("/ai/plain")
-    async def plain() -> dict[str, bool]:
-        return {"ok": True}
+    app = plain_app(gateway)
 
     async with gateway:
         account, key = await fund(gateway, "0.000000003")
-        async with httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=app), base_url="http://host"
-        ) as http:
-            statuses = [
-                (
-                    await http.post("/ai/plain", headers={"authorization": f"Bearer {key}"})
-                ).status_code
-                for _ in range(10)
-            ]
+        statuses = [r.status_code for r in await post_routes(app, key, "/ai/plain", 10)]
         assert gateway.accounting is not None and gateway.accounting.book is not None
         purse = gateway.accounting.book.purse("account", account)
     assert statuses == [200] * 10
@@ -407,21 +406,11 @@ async def test_a_host_routes_hold_goes_back_when_a_later_guard_fails(
 
     gateway = make_billing_gateway(upstream, "memory://")
     gateway.guards.append(Flaky())
-    app = FastAPI()
-    app.add_middleware(GateMiddleware, gateway=gateway, paths=["/ai/*"])
-
-    @app.post("/ai/plain")
-    async def plain() -> dict[str, bool]:
-        return {"ok": True}
+    app = plain_app(gateway)
 
     async with gateway:
         account, key = await fund(gateway, "0.000000003")
-        transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx2.AsyncClient(transport=transport, base_url="http://host") as http:
-            headers = {"authorization": f"Bearer {key}"}
-            statuses = [
-                (await http.post("/ai/plain", headers=headers)).status_code for _ in range(5)
-            ]
+        statuses = [r.status_code for r in await post_routes(app, key, "/ai/plain", 5)]
         assert gateway.accounting is not None and gateway.accounting.book is not None
         purse = gateway.accounting.book.purse("account", account)
     assert statuses == [500, 500, 500, 200, 200]
